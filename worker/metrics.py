@@ -1,0 +1,37 @@
+"""Prometheus metrics for a BatchWorker (served on VQ_METRICS_PORT when it is set)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+
+
+class WorkerMetrics:
+    """One registry per worker, so several workers (or tests) in one process never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("vq_frames_total", "Frames handled, by outcome", ["outcome"], registry=r)
+        self.batch_size = Histogram("vq_batch_size", "Frames per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128), registry=r)
+        self.queue_wait = Histogram("vq_queue_wait_seconds", "Enqueue to dequeue", buckets=_LATENCY_BUCKETS,
+                                    registry=r)
+        self.decode = Histogram("vq_decode_seconds", "Decode time per batch", buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("vq_inference_seconds", "Forward pass per batch", buckets=_LATENCY_BUCKETS,
+                                   registry=r)
+        self.end_to_end = Histogram("vq_end_to_end_seconds", "Capture to result", buckets=_LATENCY_BUCKETS,
+                                    registry=r)
+        self.model_info = Gauge("vq_model_info", "The model version served (value 1)", ["version", "precision"],
+                                registry=r)
+        self.model_swaps = Counter("vq_model_swaps_total", "Model changes, by outcome", ["outcome"], registry=r)
+        self.samples = Counter("vq_samples_total", "Frames offered to the learning loop, by outcome", ["outcome"],
+                               registry=r)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def set_model(self, version: str, precision: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version, precision=precision).set(1)

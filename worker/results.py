@@ -1,0 +1,78 @@
+"""The result contract: what a frame's job returns and what goes on `inference:results`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .frames import FrameError
+from .jobs import RESULTS_STREAM
+
+
+def build_result(
+    frame: dict[str, Any],
+    prediction: Any,
+    *,
+    model_version: str,
+    precision: str,
+    worker: str,
+    queue_wait_ms: float,
+    decode_ms: float,
+    inference_ms: float,
+    batch_size: int,
+) -> dict[str, Any]:
+    done_at = time.time()
+    return {
+        "frame_id": frame["id"],
+        "station": frame["station"],
+        "seq": frame["seq"],
+        "label": prediction.label,
+        "class_index": prediction.class_index,
+        "confidence": round(prediction.confidence, 6),
+        "topk": prediction.topk,
+        "model_version": model_version,
+        "precision": precision,
+        "worker": worker,
+        "timings": {
+            "queue_wait_ms": round(queue_wait_ms, 3),
+            "decode_ms": round(decode_ms, 3),
+            "inference_ms": round(inference_ms, 3),
+            "end_to_end_ms": round((done_at - float(frame["ts"])) * 1000.0, 3),
+            "batch_size": batch_size,
+        },
+        "ts": frame["ts"],
+        "done_at": done_at,
+    }
+
+
+def stream_fields(result: dict[str, Any]) -> dict[str, str]:
+    """A successful result as flat stream fields (the whole result as JSON under `result`)."""
+    return {
+        "status": "ok",
+        "frame_id": result["frame_id"],
+        "station": result["station"],
+        "label": result["label"],
+        "confidence": str(result["confidence"]),
+        "model_version": result["model_version"],
+        "result": json.dumps(result),
+    }
+
+
+def failure_fields(job_id: str, station: str, error: str, model_version: str) -> dict[str, str]:
+    return {
+        "status": "failed",
+        "frame_id": job_id,
+        "station": station,
+        "error": error,
+        "model_version": model_version,
+    }
+
+
+def error_text(exc: BaseException) -> str:
+    """`FrameError: …` for bad input; the class name keeps its kind visible in RQ's failed registry."""
+    name = "FrameError" if isinstance(exc, FrameError) else type(exc).__name__
+    return f"{name}: {exc}"
+
+
+__all__ = ["RESULTS_STREAM", "build_result", "error_text", "failure_fields", "stream_fields"]

@@ -93,7 +93,10 @@ class BatchWorker(SimpleWorker):
         self.log_job_description = False
         self.metrics = WorkerMetrics()
         self.engine: InferenceEngine | None = None
-        self._handoff: stdqueue.Queue[Batch | None] = stdqueue.Queue(maxsize=1)
+        self._handoff: stdqueue.Queue[Batch | None] = stdqueue.Queue()
+        # Two batches in hand at most: one in the forward pass, the next one decoding.
+        self._slots = threading.Semaphore(2)
+        self._transit_seen: dict[str, float] = {}
         self._in_hand: set[int] = set()
         self._batches: dict[int, Batch] = {}
         self._lock = threading.Lock()
@@ -140,6 +143,7 @@ class BatchWorker(SimpleWorker):
 
     # -- the batch ----------------------------------------------------------------------------
     def execute_job(self, job: Job, queue: Queue) -> None:
+        self._slots.acquire()
         jobs = self._collect(job, queue)
         batch = self._claim(jobs, queue)
         self._handoff.put(batch)
@@ -250,6 +254,7 @@ class BatchWorker(SimpleWorker):
             finally:
                 with self._lock:
                     self._batches.pop(id(batch), None)
+                self._slots.release()
 
     def _infer(self, batch: Batch) -> dict[str, Any]:
         """Result dict or exception per job id."""
@@ -344,6 +349,32 @@ class BatchWorker(SimpleWorker):
         job._handle_failure(exc_string, pipe, worker_name=self.name, execution_id=execution.id,
                             execution_started_at=execution.created_at, execution_ended_at=ended)
 
+    # -- maintenance --------------------------------------------------------------------------
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        for queue in self.queues:
+            self._rescue_intermediate(queue)
+
+    def _rescue_intermediate(self, queue: Queue) -> None:
+        """Put back frames a dead worker moved to the intermediate list but never claimed.
+
+        RQ fails (or retries) those only after a minute; an id that sits there unclaimed for a
+        heartbeat TTL belongs to a dead worker (a live one claims within milliseconds), so it goes
+        back to the head of the queue, once, atomically, without spending a retry.
+        """
+        ids = [as_text(x) for x in self.connection.lrange(queue.intermediate_queue_key, 0, -1)]
+        seen_now = time.monotonic()
+        self._transit_seen = {i: self._transit_seen.get(i, seen_now) for i in ids}
+        stale = [i for i, t in self._transit_seen.items() if seen_now - t >= self.settings.heartbeat_ttl]
+        if not stale:
+            return
+        started = set(queue.started_job_registry.get_job_ids())
+        for job_id in stale:
+            if job_id not in started and _requeue_from_intermediate(
+                    keys=[queue.intermediate_queue_key, queue.key], args=[job_id], client=self.connection):
+                log.warning("frame rescued from a dead worker's hands", job_id=job_id)
+            self._transit_seen.pop(job_id, None)
+
     # -- heartbeats ---------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         """Keep claimed frames' executions alive while their batch is in hand."""
@@ -365,6 +396,19 @@ class BatchWorker(SimpleWorker):
                     pipe.execute()
             except Exception:
                 log.exception("heartbeat failed")
+
+
+_REQUEUE_LUA = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def _requeue_from_intermediate(keys: list[str], args: list[str], client: Redis) -> int:
+    return client.eval(_REQUEUE_LUA, len(keys), *keys, *args)
 
 
 def _connection_of(queues: Any) -> Redis:

@@ -55,11 +55,17 @@ class FrameQueue(Queue):
     """The `inference` queue with msgpack and FrameJob already set."""
 
     job_class = FrameJob
+    # RQ holds this lock for 899 s; a worker SIGKILLed while holding it would stop abandoned-frame
+    # recovery for 15 minutes. Cleaning takes milliseconds.
+    maintenance_lock_ttl = 30
 
     def __init__(self, name: str = QUEUE_NAME, connection: Redis | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("serializer", MsgpackSerializer)
         kwargs.setdefault("job_class", FrameJob)
         super().__init__(name, connection=connection, **kwargs)
+
+    def acquire_maintenance_lock(self) -> bool:
+        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=self.maintenance_lock_ttl))
 
 
 def enqueue_frames(

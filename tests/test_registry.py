@@ -47,7 +47,7 @@ def test_corrupt_artifacts_are_refused(tmp_path, redis_conn):
     blob = bytearray((artifact / "weights.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (artifact / "weights.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match="checksum mismatch for weights.safetensors"):
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for weights\.safetensors"):
         ModelRegistry(redis_conn).publish(artifact)
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         load_for_serving(artifact)
@@ -62,7 +62,7 @@ def test_manifest_class_count_mismatch_and_missing_file(tmp_path):
         read_manifest(artifact)
     other = tiny_artifact(tmp_path / "b")
     (other / "weights.safetensors").unlink()
-    with pytest.raises(ArtifactError, match="missing weights.safetensors"):
+    with pytest.raises(ArtifactError, match=r"missing weights\.safetensors"):
         load_for_serving(other)
 
 

@@ -46,8 +46,13 @@ class FrameJob(Job):
     """
 
     def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict:
-        obj = super().to_dict(include_meta=include_meta, include_result=include_result)
-        obj["data"] = self.data
+        data = self.data
+        self._data = b""  # RQ compresses whatever is here: give it nothing, then store the frame as is
+        try:
+            obj = super().to_dict(include_meta=include_meta, include_result=include_result)
+        finally:
+            self._data = data
+        obj["data"] = data
         return obj
 
 

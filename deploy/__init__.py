@@ -1,0 +1,1 @@
+"""The demo, the benchmark and deployment files (Docker, compose, Kubernetes, systemd)."""

@@ -1,0 +1,179 @@
+"""`python -m producer`: the command line of a capture station or uploader.
+
+Kept free of heavy imports: each command imports what it needs when it runs, so `--help` is
+instant and nothing here can pull in torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from .connection import DEFAULT_REDIS_URL
+
+EPILOG = f"""\
+Redis: --redis-url, else the REDIS_URL environment variable, else {DEFAULT_REDIS_URL}.
+Logs go to stderr: JSON when stderr is not a terminal (VQ_LOG_FORMAT=json|console overrides).
+Exit status: 0 success; 1 some frames failed or were not sent, or the camera gave up
+reconnecting; 2 bad arguments or nothing to do; 3 Redis unreachable.
+"""
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 0..100, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", help=f"Redis to send to (default: $REDIS_URL or {DEFAULT_REDIS_URL})")
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Send images to the visionqueue inference queue (one RQ job per frame, msgpack).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{files,camera,watch}")
+
+    files = sub.add_parser(
+        "files", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="send image files, folders or glob patterns",
+        description="Send JPEG/PNG files: files as named, folders recursively (.jpg/.jpeg/.png, any case), "
+        "glob patterns (** for any depth). Without --wait prints 'job_id<TAB>path' per frame; with --wait "
+        "one JSON line per frame (frame_id, path, label, confidence, topk, model_version, latency_ms) as "
+        "results arrive, and names each failure on stderr.",
+    )
+    files.add_argument("paths", nargs="+", metavar="PATH")
+    files.add_argument("--station", default="default", help="station name put in each frame (default: default)")
+    files.add_argument("--wait", action="store_true", help="wait for the results and print them")
+    files.add_argument("--timeout", type=_positive(float), default=60.0,
+                       help="with --wait: seconds to wait for all results (default: 60)")
+
+    camera = sub.add_parser(
+        "camera", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="stream frames from a camera, a stream URL or a video file",
+        description="Capture frames with OpenCV, JPEG-encode and send them. A live source (device index, "
+        "/dev/video*, rtsp://, http://, …) is reopened with capped exponential backoff when it fails; a "
+        "video file stops at its end unless --loop. Frames over the --max-pending bound are skipped and "
+        "counted; counters are logged every --stats-every seconds and at exit.",
+    )
+    camera.add_argument("--source", required=True, help="device index (0), device path, stream URL or video file")
+    camera.add_argument("--station", required=True, help="station name put in each frame")
+    camera.add_argument("--fps", type=_positive(float), help="send at most this many frames per second")
+    camera.add_argument("--max-frames", type=_positive(int), metavar="N",
+                        help="stop after taking N frames from the source (sent or skipped)")
+    camera.add_argument("--jpeg-quality", type=_quality, default=90, help="JPEG quality 0..100 (default: 90)")
+    camera.add_argument("--deadline", type=_positive(float), metavar="SEC",
+                        help="workers skip a frame older than this; its job expires from Redis after ceil(SEC)")
+    camera.add_argument("--max-pending", type=_positive(int), metavar="N",
+                        help="skip frames while N frames of this station are unfinished")
+    camera.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    camera.add_argument("--max-reconnects", type=_non_negative_int, metavar="N",
+                        help="give up (exit 1) after N failed reopen attempts in a row (default: never)")
+    camera.add_argument("--backoff-initial", type=_positive(float), default=0.5, metavar="SEC",
+                        help="first reconnect delay; doubles per failure (default: 0.5)")
+    camera.add_argument("--backoff-max", type=_positive(float), default=30.0, metavar="SEC",
+                        help="longest reconnect delay (default: 30)")
+    camera.add_argument("--stats-every", type=_positive(float), default=10.0, metavar="SEC",
+                        help="log the counters this often (default: 10)")
+
+    watch = sub.add_parser(
+        "watch", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="send files dropped into a folder",
+        description="Poll DIR; send each new file once its size is stable across two polls, and move it to "
+        "the done folder once Redis accepted it. While Redis is unreachable files stay and are retried with "
+        "backoff. Non-images go to DIR/.rejected with a log line saying why.",
+    )
+    watch.add_argument("directory", metavar="DIR")
+    watch.add_argument("--station", default="default", help="station name put in each frame (default: default)")
+    watch.add_argument("--done-dir", metavar="D", help="where sent files go (default: DIR/.done)")
+    watch.add_argument("--rejected-dir", metavar="D", help="where non-images go (default: DIR/.rejected)")
+    watch.add_argument("--poll", type=_positive(float), default=1.0, metavar="SEC",
+                       help="seconds between scans (default: 1)")
+    watch.add_argument("--backoff-max", type=_positive(float), default=30.0, metavar="SEC",
+                       help="longest wait between retries while Redis is unreachable (default: 30)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import logs
+
+    logs.configure(args.log_level)
+    from .api import Producer
+    from .connection import REDIS_DOWN, redis_url
+
+    url = redis_url(args.redis_url)
+    try:
+        if args.command == "files":
+            from .files import send_files
+
+            with Producer(url, station=args.station) as producer:
+                return send_files(producer, args.paths, wait=args.wait, timeout=args.timeout)
+        if args.command == "camera":
+            return _camera(args, url)
+        return _watch(args, url)
+    except REDIS_DOWN as exc:
+        print(f"error: cannot reach Redis at {url}: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+def _camera(args: argparse.Namespace, url: str) -> int:
+    from .api import Producer
+    from .camera import CameraOptions, CameraStreamer, parse_source
+
+    options = CameraOptions(
+        source=parse_source(args.source), fps=args.fps, max_frames=args.max_frames,
+        jpeg_quality=args.jpeg_quality, loop=args.loop, max_reconnects=args.max_reconnects,
+        backoff_initial=args.backoff_initial, backoff_max=max(args.backoff_max, args.backoff_initial),
+        stats_every=args.stats_every,
+    )
+    with Producer(url, station=args.station, deadline_s=args.deadline, max_pending=args.max_pending) as producer:
+        return CameraStreamer(producer, options, stop=_stop_on_signals()).run()
+
+
+def _watch(args: argparse.Namespace, url: str) -> int:
+    from .api import Producer
+    from .watch import Watcher
+
+    with Producer(url, station=args.station) as producer:
+        watcher = Watcher(
+            producer, args.directory, done_dir=args.done_dir, rejected_dir=args.rejected_dir, poll=args.poll,
+            backoff_initial=min(0.5, args.backoff_max), backoff_max=args.backoff_max, stop=_stop_on_signals(),
+        )
+        return watcher.run()
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, so loops finish their frame, log counters and exit 0."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

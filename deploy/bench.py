@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 from redis import Redis
-from rq import Worker
 from rq.registry import FinishedJobRegistry
 
 from worker.jobs import RESULTS_STREAM
 from worker.redis_server import RedisServer
+
+from .workers import BATCH_WORKER, start_worker, stop_worker, wait_registered
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,19 +104,12 @@ class Stack:
         self.worker: subprocess.Popen | None = None
 
     def start_worker(self, args: list[str], name: str) -> None:
-        rq = str(Path(sys.executable).with_name("rq"))
-        self.worker = subprocess.Popen([rq, "worker", *args, "-u", self.url, "--name", name, "inference"],
-                                       env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not any(w.name == name for w in Worker.all(connection=self.conn)):
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {name} did not start")
-            time.sleep(0.1)
+        self.worker = start_worker(self.url, name, self.env, args, output=subprocess.DEVNULL)
+        wait_registered(self.conn, self.worker, name)
 
     def stop_worker(self) -> None:
         if self.worker:
-            self.worker.terminate()
-            self.worker.wait(60)
+            stop_worker(self.worker)
             self.worker = None
         self.conn.flushdb()
 
@@ -228,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                OMP_NUM_THREADS=str(a.threads))
     with RedisServer() as server:
         stack = Stack(server.url, env)
-        stack.start_worker(["--worker-class", "worker.BatchWorker"], "bench-batch")
+        stack.start_worker(BATCH_WORKER, "bench-batch")
         stack.throughput(min(a.n, 300))  # warm-up
         figures["full_path"] = stack.throughput(a.n)
         print(f"  full path (BatchWorker) {figures['full_path']:7.1f} frames/s")

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from redis import Redis
-from rq import Worker
+
+from deploy import workers
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ok", "scratch", "dent", "stain"]
-RQ = str(Path(sys.executable).with_name("rq"))
 
 
 def jpeg(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
@@ -57,23 +54,11 @@ def tiny_artifact(path: Path, int8: bool = False, size: int = 32, arch: str = "r
 def start_worker(redis_url: str, env: dict[str, str], name: str, **settings: str) -> subprocess.Popen:
     child_env = dict(env)
     child_env.update({"VQ_LOG_FORMAT": "json", "VQ_TORCH_THREADS": "1", "VQ_DECODE_THREADS": "1", **settings})
-    return subprocess.Popen(
-        [RQ, "worker", "--worker-class", "worker.BatchWorker", "-u", redis_url, "--name", name, "inference"],
-        env=child_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
+    return workers.start_worker(redis_url, name, child_env)
 
 
 def worker_registered(conn: Redis, name: str) -> bool:
-    return any(w.name == name for w in Worker.all(connection=conn))
+    return workers.is_registered(conn, name)
 
 
-def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> str:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    return out or ""
+stop_worker = workers.stop_worker

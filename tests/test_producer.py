@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import ROOT
+from helpers import CLASSES, start_worker, stop_worker, tiny_artifact
 from redis import Redis
 from rq.job import JobStatus
 from rq.results import Result
@@ -300,24 +301,11 @@ def test_files_command_uses_redis_url_env_and_fails_clearly_without_redis(
 # -- files --wait with a real BatchWorker -----------------------------------------------------------
 
 
-def _batch_worker_missing() -> str | None:
-    try:
-        import worker.batch_worker  # noqa: F401
-    except ImportError as exc:
-        return f"worker.batch_worker is not importable yet ({exc})"
-    return None
-
-
-@pytest.mark.skipif(_batch_worker_missing() is not None, reason=str(_batch_worker_missing()))
 def test_files_wait_prints_results_and_names_failures(
     tmp_path: Path, redis_url: str, redis_conn: Redis, subprocess_env: dict[str, str]
 ) -> None:
-    from worker.artifact import write_artifact
-    from worker.model import build_model
-
-    classes = ["ok", "scratch", "dent", "stain"]
-    artifact = tmp_path / "model"
-    write_artifact(artifact, build_model("resnet18", 4), arch="resnet18", class_names=classes, input_size=(32, 32))
+    classes = CLASSES
+    artifact = tiny_artifact(tmp_path / "model")
     images = tmp_path / "images"
     images.mkdir()
     (images / "good1.jpg").write_bytes(jpeg(seed=1))
@@ -327,21 +315,12 @@ def test_files_wait_prints_results_and_names_failures(
     broken[at + 10] ^= 0xFF  # header intact (the producer accepts it), pixels undecodable (the worker fails it)
     (images / "broken.png").write_bytes(bytes(broken))
 
-    env = {**subprocess_env, "VQ_MODEL_PATH": str(artifact), "VQ_LOG_FORMAT": "json", "VQ_TORCH_THREADS": "1",
-           "VQ_DECODE_THREADS": "1", "VQ_PRECISION": "fp32"}
-    rq = str(Path(PY).with_name("rq"))
-    worker = subprocess.Popen([rq, "worker", "--worker-class", "worker.BatchWorker", "-u", redis_url, QUEUE_NAME],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = start_worker(redis_url, subprocess_env, "w-files", VQ_MODEL_PATH=str(artifact))
     try:
         done = run_producer(["files", str(images), "--wait", "--timeout", "90", "--redis-url", redis_url],
                             subprocess_env, timeout=120)
     finally:
-        worker.terminate()
-        try:
-            worker_log, _ = worker.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker_log, _ = worker.communicate()
+        worker_log = stop_worker(worker)
     assert done.returncode == 1, f"{done.stderr}\n--- worker ---\n{worker_log}"
     lines = {Path(line["path"]).name: line for line in map(json.loads, done.stdout.splitlines())}
     assert set(lines) == {"good1.jpg", "good2.png", "broken.png"}, worker_log

@@ -1,0 +1,56 @@
+"""Start and stop real `rq worker` processes (the demo, the benchmark and the tests use these)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from redis import Redis
+from rq import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+RQ = str(Path(sys.executable).with_name("rq"))
+BATCH_WORKER = ["--worker-class", "worker.BatchWorker"]
+
+
+def start_worker(redis_url: str, name: str, env: dict[str, str] | None = None, worker_args: list[str] | None = None,
+                 output: int | None = subprocess.PIPE, queue: str = "inference") -> subprocess.Popen:
+    """`rq worker` in its own process group (so a signal reaches it and nothing else)."""
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [RQ, "worker", *(worker_args or BATCH_WORKER), "-u", redis_url, "--name", name, queue],
+        env=child_env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
+        text=True, start_new_session=True,
+    )
+
+
+def is_registered(conn: Redis, name: str) -> bool:
+    return any(w.name == name for w in Worker.all(connection=conn))
+
+
+def wait_registered(conn: Redis, proc: subprocess.Popen, name: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_registered(conn, name):
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"worker {name} exited with {proc.returncode}: {out[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker {name} did not register within {timeout}s")
+        time.sleep(0.1)
+
+
+def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> str:
+    """Signal the worker's process group; SIGKILL it if it has not exited after `timeout`. Its output."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return out or ""

@@ -37,6 +37,7 @@ from rq.utils import as_text, now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from .frames import FrameError, frame_deadline, validate_frame
+from .hot_swap import ModelWatcher
 from .jobs import JOB_FUNC, RESULTS_STREAM, FrameJob, FrameQueue
 from .logs import configure_logging
 from .metrics import WorkerMetrics
@@ -93,6 +94,8 @@ class BatchWorker(SimpleWorker):
         self.log_job_description = False
         self.metrics = WorkerMetrics()
         self.engine: InferenceEngine | None = None
+        self._next_engine: InferenceEngine | None = None
+        self._watcher: ModelWatcher | None = None
         self._handoff: stdqueue.Queue[Batch | None] = stdqueue.Queue()
         # Two batches in hand at most: one in the forward pass, the next one decoding.
         self._slots = threading.Semaphore(2)
@@ -121,6 +124,10 @@ class BatchWorker(SimpleWorker):
         super().bootstrap(*args, **kwargs)
         self._start_thread(self._inference_loop, "vq-inference")
         self._start_thread(self._heartbeat_loop, "vq-heartbeat")
+        if self.settings.model_path is None:  # a local artifact is pinned; the registry's current is followed
+            self._watcher = ModelWatcher(self.settings, self.connection, lambda: self.engine.version,
+                                         self._model_ready, self.metrics)
+            self._watcher.start()
         log.info("batch worker ready", worker=self.name, queues=self.queue_names(), **self.settings.describe())
 
     def _start_thread(self, target: Any, name: str) -> None:
@@ -130,6 +137,8 @@ class BatchWorker(SimpleWorker):
 
     def teardown(self) -> None:
         # Warm shutdown: the batches already claimed are finished before the worker unregisters.
+        if self._watcher is not None:
+            self._watcher.stop()
         if self._threads:
             self._handoff.put(None)
             self._threads[0].join()
@@ -188,8 +197,28 @@ class BatchWorker(SimpleWorker):
                 pipe.lrem(queue.intermediate_queue_key, 1, job_id)
             pipe.execute()
 
+    def _model_ready(self, engine: InferenceEngine) -> None:
+        with self._lock:
+            stale, self._next_engine = self._next_engine, engine
+        if stale is not None:
+            stale.close()
+
+    def _swap_if_ready(self) -> None:
+        """Between batches: the next batch uses the new engine; batches in hand finish on theirs."""
+        with self._lock:
+            engine, self._next_engine = self._next_engine, None
+        if engine is None:
+            return
+        old, self.engine = self.engine, engine
+        if old is not None:
+            old.close(wait=False)
+        self.metrics.set_model(engine.version, engine.precision)
+        self.metrics.model_swaps.labels(outcome="swapped").inc()
+        log.info("model swapped", version=engine.version, previous=old.version if old else None)
+
     def _claim(self, jobs: list[Job], queue: Queue) -> Batch:
         """Mark every job started in one pipeline and start decoding the acceptable frames."""
+        self._swap_if_ready()
         assert self.engine is not None
         batch = Batch(queue=queue, engine=self.engine, claimed_at=time.time())
         wall = time.time()

@@ -67,8 +67,9 @@ class InferenceEngine:
     def precision(self) -> str:
         return self.serving.precision
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the decode pool; decodes already submitted still complete."""
+        self._pool.shutdown(wait=wait)
 
     # -- decode -------------------------------------------------------------------------------
     def submit_decode(self, images: list[bytes]) -> list[Future]:

@@ -44,6 +44,7 @@ from .metrics import WorkerMetrics
 from .model_source import configure_torch, load_engine
 from .results import build_result, error_text, failure_fields, stream_fields
 from .runtime import InferenceEngine
+from .sample_feed import SampleFeed, SamplingConfig
 from .serializer import MsgpackSerializer
 from .settings import Settings
 
@@ -93,6 +94,8 @@ class BatchWorker(SimpleWorker):
         super().__init__([FrameQueue(n, connection=connection) for n in names], *args, **kwargs)
         self.log_job_description = False
         self.metrics = WorkerMetrics()
+        self.sampling = SamplingConfig.from_env()
+        self.samples: SampleFeed | None = None
         self.engine: InferenceEngine | None = None
         self._next_engine: InferenceEngine | None = None
         self._watcher: ModelWatcher | None = None
@@ -122,6 +125,9 @@ class BatchWorker(SimpleWorker):
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
         super().bootstrap(*args, **kwargs)
+        if self.sampling.strategy != "none" or self.sampling.audit_rate > 0:
+            self.samples = SampleFeed(self.connection, self.metrics, self.sampling)
+            self.samples.start()
         self._start_thread(self._inference_loop, "vq-inference")
         self._start_thread(self._heartbeat_loop, "vq-heartbeat")
         if self.settings.model_path is None:  # a local artifact is pinned; the registry's current is followed
@@ -146,6 +152,8 @@ class BatchWorker(SimpleWorker):
             for thread in self._threads[1:]:
                 thread.join(timeout=5)
             self._threads = []
+        if self.samples is not None:
+            self.samples.stop()
         if self.engine is not None:
             self.engine.close()
         super().teardown()
@@ -304,8 +312,10 @@ class BatchWorker(SimpleWorker):
         self.metrics.decode.observe(decode_s)
         self.metrics.inference.observe(infer_s)
         by_id = {j.id: j for j in batch.jobs}
-        for job_id, prediction in zip(ok_ids, engine.predictions(probs), strict=True):
+        for job_id, image, prediction in zip(ok_ids, images, engine.predictions(probs), strict=True):
             job = by_id[job_id]
+            if self.samples is not None:
+                self.samples.offer(batch.frames[job_id], prediction, image, engine.version, engine.class_names)
             enqueued = job.enqueued_at.timestamp() if job.enqueued_at else batch.claimed_at
             queue_wait = max(0.0, batch.claimed_at - enqueued)
             self.metrics.queue_wait.observe(queue_wait)

@@ -22,6 +22,8 @@ A bad value stops the worker at start with a message naming the variable.
 | VQ_SWAP_POLL_S | 1.0 | how often to check the registry's current pointer (notification is immediate) |
 | VQ_LOG_FORMAT | auto | json, console or auto (json when stderr is not a terminal) |
 | VQ_LOG_LEVEL | info | debug, info, warning, error |
+
+The learning-loop capture (VQ_SAMPLE_*) is configured in `worker/sample_feed.py`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class SettingsError(ValueError):
     pass
 
 
-def _int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def env_int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -48,7 +50,7 @@ def _int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     return value
 
 
-def _float(env: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
+def env_float(env: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -61,7 +63,7 @@ def _float(env: dict[str, str], name: str, default: float, lo: float, hi: float)
     return value
 
 
-def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+def env_choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = (env.get(name) or default).strip().lower()
     if value not in choices:
         raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -105,20 +107,20 @@ class Settings:
             model_path=Path(model_path) if model_path else None,
             model_cache=Path(env.get("VQ_MODEL_CACHE") or cls.model_cache),
             device=_device(env),
-            precision=_choice(env, "VQ_PRECISION", "auto", ("auto", "int8", "fp32", "fp16", "bf16")),
-            max_batch=_int(env, "VQ_MAX_BATCH", 32, 1, 1024),
-            max_wait_ms=_float(env, "VQ_MAX_WAIT_MS", 5.0, 0.0, 10_000.0),
-            decode_threads=_int(env, "VQ_DECODE_THREADS", 2, 1, 64),
-            torch_threads=_int(env, "VQ_TORCH_THREADS", 0, 0, 256),
-            topk=_int(env, "VQ_TOPK", 3, 1, 100),
-            heartbeat_ttl=_int(env, "VQ_HEARTBEAT_TTL", 10, 3, 3600),
-            worker_ttl=_int(env, "VQ_WORKER_TTL", 30, 16, 3600),
-            maintenance_interval=_int(env, "VQ_MAINTENANCE_INTERVAL", 5, 1, 3600),
-            results_maxlen=_int(env, "VQ_RESULTS_MAXLEN", 100_000, 0, 100_000_000),
-            metrics_port=_int(env, "VQ_METRICS_PORT", 0, 0, 65535),
-            swap_poll_s=_float(env, "VQ_SWAP_POLL_S", 1.0, 0.05, 3600.0),
-            log_format=_choice(env, "VQ_LOG_FORMAT", "auto", ("auto", "json", "console")),
-            log_level=_choice(env, "VQ_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            precision=env_choice(env, "VQ_PRECISION", "auto", ("auto", "int8", "fp32", "fp16", "bf16")),
+            max_batch=env_int(env, "VQ_MAX_BATCH", 32, 1, 1024),
+            max_wait_ms=env_float(env, "VQ_MAX_WAIT_MS", 5.0, 0.0, 10_000.0),
+            decode_threads=env_int(env, "VQ_DECODE_THREADS", 2, 1, 64),
+            torch_threads=env_int(env, "VQ_TORCH_THREADS", 0, 0, 256),
+            topk=env_int(env, "VQ_TOPK", 3, 1, 100),
+            heartbeat_ttl=env_int(env, "VQ_HEARTBEAT_TTL", 10, 3, 3600),
+            worker_ttl=env_int(env, "VQ_WORKER_TTL", 30, 16, 3600),
+            maintenance_interval=env_int(env, "VQ_MAINTENANCE_INTERVAL", 5, 1, 3600),
+            results_maxlen=env_int(env, "VQ_RESULTS_MAXLEN", 100_000, 0, 100_000_000),
+            metrics_port=env_int(env, "VQ_METRICS_PORT", 0, 0, 65535),
+            swap_poll_s=env_float(env, "VQ_SWAP_POLL_S", 1.0, 0.05, 3600.0),
+            log_format=env_choice(env, "VQ_LOG_FORMAT", "auto", ("auto", "json", "console")),
+            log_level=env_choice(env, "VQ_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
 
     def describe(self) -> dict[str, object]:

@@ -1,0 +1,1 @@
+"""The learning loop: sample store, review export/import, `update` (fine-tune, gate, publish), `rollback`."""

@@ -1,0 +1,117 @@
+"""The data one update trains and judges on, as a trainer split over a run-local root.
+
+    RUN/data/base  -> the original training data (its split.json: CONTINUAL_BASE_SPLIT / --base-split)
+    RUN/data/store -> the sample store's images
+
+- train: new labels from the store's train share (80 %, by content hash) + a class-balanced replay
+  buffer from earlier data (the original train split and store samples used by earlier updates), so
+  the model learns the new conditions without forgetting the old ones.
+- val: the rest of the new train-share labels + a class-balanced slice of the original val split
+  (early stopping and temperature scaling see both worlds).
+- test: the original holdout + the new holdout; the gate reads them separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.data import Sample, Split, load_split, save_split
+
+from .store import SampleStore, StoredSample
+
+VAL_PCT = 20
+
+
+@dataclass
+class UpdateData:
+    split: Split
+    classes: list[str]
+    new_classes: list[str]
+    original_holdout: list[Sample]
+    new_holdout: list[Sample]
+    stations: dict[str, str] = field(default_factory=dict)  # sample path -> station
+    new_frame_ids: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _balanced(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
+    """Up to n samples, as evenly spread over classes as the data allows."""
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_class[s.label].append(s)
+    rng = random.Random(seed)
+    for group in by_class.values():
+        rng.shuffle(group)
+    picked: list[Sample] = []
+    while len(picked) < n and any(by_class.values()):
+        for label in sorted(by_class):
+            if by_class[label] and len(picked) < n:
+                picked.append(by_class[label].pop())
+    return picked
+
+
+def _is_val(sha256: str) -> bool:
+    return int(hashlib.sha256(("val:" + sha256).encode()).hexdigest()[:8], 16) % 100 < VAL_PCT
+
+
+def build_update_data(run: Path, store: SampleStore, current_classes: list[str], base_split: Path | None,
+                      replay: int, seed: int = 0) -> UpdateData:
+    new = list(store.samples("label IS NOT NULL AND used_in IS NULL"))
+    earlier = list(store.samples("label IS NOT NULL AND used_in IS NOT NULL AND split = 'train'"))
+    new_classes = sorted({s.label for s in new if s.label not in current_classes})
+    classes = list(current_classes) + new_classes
+    index = {name: i for i, name in enumerate(classes)}
+
+    root = run / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    _link(root / "store", store.root / "images")
+    base = load_split(base_split) if base_split else None
+    if base is not None:
+        _link(root / "base", base.root)
+
+    def from_base(samples: Sequence[Sample]) -> list[Sample]:
+        assert base is not None
+        return [Sample(f"base/{s.path}", index[base.classes[s.label]], s.sha256) for s in samples
+                if base.classes[s.label] in index]
+
+    stations: dict[str, str] = {}
+
+    def from_store(samples: Sequence[StoredSample]) -> list[Sample]:
+        out = []
+        for s in samples:
+            path = f"store/{s.path.relative_to(store.root / 'images').as_posix()}"
+            stations[path] = s.station
+            out.append(Sample(path, index[s.label], s.sha256))
+        return out
+
+    new_train = [s for s in new if s.split == "train" and not _is_val(s.sha256)]
+    new_val = [s for s in new if s.split == "train" and _is_val(s.sha256)]
+    new_hold = [s for s in new if s.split == "holdout"]
+    old_hold = list(store.samples("label IS NOT NULL AND used_in IS NOT NULL AND split = 'holdout'"))
+
+    replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
+    train = from_store(new_train) + _balanced(replay_pool, replay, seed)
+    val = from_store(new_val) + (_balanced(from_base(base["val"]), max(len(new_val), 64), seed) if base else [])
+    original_holdout = (from_base(base["test"]) if base else []) + from_store(old_hold)
+    new_holdout = from_store(new_hold)
+    split = Split(root, classes, seed, (0.0, 0.0, 0.0),
+                  {"train": train, "val": val, "test": original_holdout + new_holdout})
+    save_split(split, run / "split.json")
+    return UpdateData(
+        split=split, classes=classes, new_classes=new_classes, original_holdout=original_holdout,
+        new_holdout=new_holdout, stations=stations, new_frame_ids=[s.frame_id for s in new],
+        counts={"new_labels": len(new), "new_train": len(new_train), "new_val": len(new_val),
+                "new_holdout": len(new_hold), "replay": len(train) - len(new_train), "val": len(val),
+                "original_holdout": len(original_holdout)},
+    )
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(target).resolve(), target_is_directory=True)

@@ -1,0 +1,151 @@
+"""Judge a candidate against the model in service, on the same data, the way workers serve them.
+
+Both models run as a CPU worker would (int8 when the artifact has it, through worker.preprocess).
+The verdict promotes only when every check passes:
+  - no regression beyond `tolerance` points on the original holdout,
+  - strictly better on the new holdout,
+  - the candidate's int8 artifact loads in the worker runtime, loses at most `max_int8_drop`
+    points against its own fp32 weights, and is at most `max_latency_ratio` times slower.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.data import Sample
+from trainer.evaluate import load_model, model_logits
+from trainer.metrics import confusion_matrix
+from worker.artifact import load_float_model, load_for_serving, read_manifest
+from worker.model import to_inference
+
+
+@dataclass
+class GateConfig:
+    tolerance: float = 1.0  # points of accuracy on the original holdout
+    max_int8_drop: float = 1.0  # points
+    max_latency_ratio: float = 1.5
+    min_new_holdout: int = 5
+
+
+@dataclass
+class Scores:
+    n: int
+    accuracy: float
+    per_class: dict[str, float]
+    per_station: dict[str, float]
+    confusion: list[list[int]]
+
+
+@dataclass
+class Verdict:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def predictions(artifact: Path, root: Path, samples: Sequence[Sample], classes: list[str],
+                precision: str = "auto") -> np.ndarray:
+    """Predicted class indices in `classes` (by name: an older model may know fewer classes)."""
+    if not samples:
+        return np.zeros(0, dtype=np.int64)
+    manifest = read_manifest(artifact)
+    model, _, pad = load_model(artifact, precision)
+    logits, _ = model_logits(model, root, samples, manifest, batch_size=32, pad=pad)
+    names = manifest["class_names"]
+    return np.array([classes.index(names[i]) if names[i] in classes else -1 for i in logits.argmax(1)])
+
+
+def score(preds: np.ndarray, samples: Sequence[Sample], classes: list[str], stations: dict[str, str]) -> Scores:
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    if len(labels) == 0:
+        return Scores(0, 0.0, {}, {}, [])
+    hit = preds == labels
+    per_class = {classes[c]: float(hit[labels == c].mean()) for c in sorted(set(labels.tolist()))}
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for s, h in zip(samples, hit, strict=True):
+        groups[stations.get(s.path, "dataset")].append(bool(h))
+    cm = confusion_matrix(labels, np.where(preds < 0, labels * 0, preds), len(classes))
+    return Scores(len(labels), float(hit.mean()), per_class,
+                  {k: float(np.mean(v)) for k, v in sorted(groups.items())}, cm.tolist())
+
+
+def latency_ms(artifact: Path, batch: int = 32, rounds: int = 5) -> float:
+    """Median forward time of one batch in the worker runtime (int8 when the artifact has it)."""
+    serving = load_for_serving(artifact, device="cpu")
+    h, w = serving.manifest["input_size"]
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        serving.model(x)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            serving.model(x)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def judge(candidate: Path, current: Path, root: Path, original: Sequence[Sample], new: Sequence[Sample],
+          classes: list[str], stations: dict[str, str], config: GateConfig) -> tuple[Verdict, dict[str, Any]]:
+    checks: dict[str, Any] = {}
+    reasons: list[str] = []
+    results: dict[str, Any] = {}
+    for name, samples in (("original_holdout", original), ("new_holdout", new)):
+        results[name] = {
+            "current": score(predictions(current, root, samples, classes), samples, classes, stations),
+            "candidate": score(predictions(candidate, root, samples, classes), samples, classes, stations),
+        }
+    orig, fresh = results["original_holdout"], results["new_holdout"]
+    if orig["current"].n:
+        drop = (orig["current"].accuracy - orig["candidate"].accuracy) * 100
+        ok = drop <= config.tolerance
+        checks["original_holdout"] = {"ok": ok, "drop_points": round(drop, 3), "tolerance": config.tolerance}
+        if not ok:
+            reasons.append(f"original holdout: {drop:.1f} points worse than the current model "
+                           f"(tolerance {config.tolerance})")
+    else:
+        checks["original_holdout"] = {"ok": True, "skipped": "no original holdout (set CONTINUAL_BASE_SPLIT)"}
+    if fresh["current"].n < config.min_new_holdout:
+        checks["new_holdout"] = {"ok": False, "n": fresh["current"].n}
+        reasons.append(f"new holdout has {fresh['current'].n} labelled samples; at least {config.min_new_holdout} "
+                       "are needed to judge")
+    else:
+        gain = (fresh["candidate"].accuracy - fresh["current"].accuracy) * 100
+        ok = gain > 0
+        checks["new_holdout"] = {"ok": ok, "gain_points": round(gain, 3)}
+        if not ok:
+            reasons.append(f"new holdout: not better than the current model ({gain:+.1f} points)")
+
+    # The int8 artifact in the worker runtime: loads, keeps its accuracy, is fast enough.
+    everything = list(original) + list(new)
+    try:
+        manifest = read_manifest(candidate)
+        int8 = predictions(candidate, root, everything, classes, precision="auto")
+        fp32_model = to_inference(copy.deepcopy(load_float_model(candidate, manifest)))
+        fp32_logits, labels = model_logits(fp32_model, root, everything, manifest, batch_size=32)
+        names = manifest["class_names"]
+        fp32 = np.array([classes.index(names[i]) for i in fp32_logits.argmax(1)]) if len(labels) else int8
+        labels_all = np.array([s.label for s in everything])
+        drop = float(((fp32 == labels_all).mean() - (int8 == labels_all).mean()) * 100) if len(labels_all) else 0.0
+        ratio = latency_ms(candidate) / latency_ms(current)
+        ok_drop, ok_lat = drop <= config.max_int8_drop, ratio <= config.max_latency_ratio
+        checks["serving"] = {"ok": ok_drop and ok_lat, "precision": manifest.get("precision"),
+                             "int8_drop_points": round(drop, 3), "latency_ratio": round(ratio, 3)}
+        if not ok_drop:
+            reasons.append(f"int8 loses {drop:.1f} points against fp32 (max {config.max_int8_drop})")
+        if not ok_lat:
+            reasons.append(f"{ratio:.2f}x slower than the current model (max {config.max_latency_ratio}x)")
+    except Exception as exc:  # the worker would refuse it too
+        checks["serving"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reasons.append(f"the artifact does not load in the worker runtime: {exc}")
+    verdict = Verdict(promote=not reasons, reasons=reasons or ["all checks passed"], checks=checks)
+    return verdict, results

@@ -2,11 +2,12 @@
 
 On the same model and the same 640x480 JPEG frames, in one run:
   1. model only            forward passes on already-decoded batches
-  2. in-process loop       decode + forward in one process (sequential, and overlapped the way the
-                           BatchWorker overlaps them): the limit for this machine
-  3. full path             loadgen process -> Redis -> `rq worker -w worker.BatchWorker`
-  4. naive baseline        loadgen process -> Redis -> plain `rq worker -w rq.worker.SimpleWorker`,
-                           one frame per job, model cached in the process
+  2. in-process loop       decode + forward with no Redis (sequential, and overlapped the way the
+                           BatchWorker overlaps them), as one process using every core and as one
+                           single-threaded process per core side by side: the better is the limit
+  3. full path             loadgen process -> Redis -> `rq worker -w worker.BatchWorker` (one per core)
+  4. naive baseline        loadgen process -> Redis -> plain `rq worker -w rq.worker.SimpleWorker`
+                           (as many), one frame per job, model cached in the process
   5. latency               capture->result p50/p95/p99 with frames paced at 50/70/90 % of (3)
 Prints a table and ratios, writes bench-out/bench.json and bench-out/latency.png.
 """
@@ -95,22 +96,24 @@ def in_process(engine, frames: list[bytes], batch: int, seconds: float) -> dict[
 
 
 class Stack:
-    """A redis-server, one worker process, and a way to run the load generator against them."""
+    """A redis-server, worker processes, and a way to run the load generator against them."""
 
     def __init__(self, redis_url: str, env: dict[str, str]) -> None:
         self.url = redis_url
         self.conn = Redis.from_url(redis_url)
         self.env = env
-        self.worker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
 
-    def start_worker(self, args: list[str], name: str) -> None:
-        self.worker = start_worker(self.url, name, self.env, args, output=subprocess.DEVNULL)
-        wait_registered(self.conn, self.worker, name)
+    def start_workers(self, args: list[str], name: str, n: int) -> None:
+        procs = [start_worker(self.url, f"{name}-{i}", self.env, args, output=subprocess.DEVNULL) for i in range(n)]
+        for i, proc in enumerate(procs):
+            wait_registered(self.conn, proc, f"{name}-{i}")
+        self.workers = procs
 
-    def stop_worker(self) -> None:
-        if self.worker:
-            stop_worker(self.worker)
-            self.worker = None
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            stop_worker(proc)
+        self.workers = []
         self.conn.flushdb()
 
     def loadgen(self, n: int, rate: float | None = None) -> subprocess.Popen:
@@ -176,22 +179,8 @@ def plot_latency(latency: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--artifact", help="benchmark this artifact instead of a random-init int8 one")
-    p.add_argument("--n", type=int, default=3000, help="frames in the throughput run")
-    p.add_argument("--naive-n", type=int, default=600)
-    p.add_argument("--seconds", type=float, default=6.0, help="length of each in-process measurement")
-    p.add_argument("--latency-seconds", type=float, default=15.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads")
-    p.add_argument("--decode-threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--out", default="bench-out")
-    a = p.parse_args(argv)
-
+def in_process_json(artifact: Path, threads: int, batch: int, decode_threads: int, seconds: float) -> dict:
+    """One process's in-process figures (run as a subprocess so several can run side by side)."""
     import torch
 
     from worker.logs import configure_logging
@@ -201,54 +190,100 @@ def main(argv: list[str] | None = None) -> int:
     from .frames import camera_frames
 
     configure_logging("console", "warning")
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(threads)
+    engine = load_engine(Settings(model_path=artifact, device="cpu", max_batch=batch,
+                                  decode_threads=decode_threads), None)
+    figures = in_process(engine, camera_frames(16), batch, seconds)
+    engine.close()
+    return figures
+
+
+def in_process_side_by_side(artifact: Path, processes: int, threads: int, a: argparse.Namespace) -> dict[str, float]:
+    """Summed figures of `processes` in-process loops running at once, `threads` torch threads each."""
+    cmd = [sys.executable, "-m", "deploy.bench", "--in-process-json", str(artifact), "--threads", str(threads),
+           "--batch", str(a.batch), "--decode-threads", "1", "--seconds", str(a.seconds)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return {k: sum(r[k] for r in rows) for k in rows[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cores = os.cpu_count() or 2
+    p = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--artifact", help="benchmark this artifact instead of a random-init int8 one")
+    p.add_argument("--n", type=int, default=4000, help="frames in the throughput run")
+    p.add_argument("--naive-n", type=int, default=800)
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each in-process measurement")
+    p.add_argument("--latency-seconds", type=float, default=15.0)
+    p.add_argument("--workers", type=int, default=cores, help="worker processes (default: one per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--decode-threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--in-process-json", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.in_process_json:
+        print(json.dumps(in_process_json(a.in_process_json, a.threads, a.batch, a.decode_threads, a.seconds)))
+        return 0
+
+    from worker.logs import configure_logging
+
+    from .frames import camera_frames
+
+    configure_logging("console", "warning")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     frames = camera_frames(16)
     tmp = Path(tempfile.mkdtemp(prefix="vq-bench-"))
     artifact = Path(a.artifact) if a.artifact else build_artifact(tmp / "model", a.arch, a.size, frames)
-    settings = Settings(model_path=artifact, device="cpu", max_batch=a.batch, decode_threads=a.decode_threads)
-    engine = load_engine(settings, None)
-    print(f"model {engine.manifest['arch']} @{a.size} {engine.precision}, batch {a.batch}, "
-          f"{a.threads} torch threads, frames 640x480 JPEG ~{np.mean([len(f) for f in frames]) / 1024:.0f} KB")
-    figures = in_process(engine, frames, a.batch, a.seconds)
-    engine.close()
-    print(f"  model only             {figures['model_only']:8.1f} img/s")
-    print(f"  in-process sequential  {figures['in_process_sequential']:8.1f} frames/s")
-    print(f"  in-process overlapped  {figures['in_process_overlapped']:8.1f} frames/s")
+    print(f"model {a.arch} @{a.size} int8, batch {a.batch}, {cores} cores, "
+          f"frames 640x480 JPEG ~{np.mean([len(f) for f in frames]) / 1024:.0f} KB")
+
+    # The in-process limit, both ways a host can spend its cores: one process with every core's
+    # threads, or one single-threaded process per core side by side. The better one is the limit.
+    one = in_process_side_by_side(artifact, 1, cores, a)
+    many = in_process_side_by_side(artifact, a.workers, a.threads, a)
+    figures: dict[str, float] = {f"{k}[1x{cores}t]": v for k, v in one.items()}
+    figures.update({f"{k}[{a.workers}x{a.threads}t]": v for k, v in many.items()})
+    for name, value in figures.items():
+        print(f"  {name:40s} {value:8.1f} /s")
+    limit = max(v for k, v in figures.items() if k.startswith("in_process"))
+    model_only = max(v for k, v in figures.items() if k.startswith("model_only"))
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS=str(a.threads),
                VQ_DECODE_THREADS=str(a.decode_threads), VQ_MAX_BATCH=str(a.batch), VQ_LOG_LEVEL="warning",
                OMP_NUM_THREADS=str(a.threads))
     with RedisServer() as server:
         stack = Stack(server.url, env)
-        stack.start_worker(BATCH_WORKER, "bench-batch")
-        stack.throughput(min(a.n, 300))  # warm-up
+        stack.start_workers(BATCH_WORKER, "bench-batch", a.workers)
+        stack.throughput(min(a.n, 400))  # warm-up
         figures["full_path"] = stack.throughput(a.n)
-        print(f"  full path (BatchWorker) {figures['full_path']:7.1f} frames/s")
+        print(f"  {'full path (' + str(a.workers) + ' BatchWorkers)':40s} {figures['full_path']:8.1f} frames/s")
         latency = {}
         for load in (0.5, 0.7, 0.9):
             row = stack.latency(load * figures["full_path"], a.latency_seconds)
             latency[f"{int(load * 100)}%"] = row
             print(f"  latency at {int(load * 100)}% ({row['rate_fps']:.0f} fps): p50 {row['p50_ms']:.0f} ms, "
                   f"p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}")
-        stack.stop_worker()
-        stack.start_worker(["--worker-class", "rq.worker.SimpleWorker", "-S", "worker.serializer.MsgpackSerializer",
-                            "-j", "worker.jobs.FrameJob"], "bench-naive")
+        stack.stop_workers()
+        stack.start_workers(["--worker-class", "rq.worker.SimpleWorker", "-S", "worker.serializer.MsgpackSerializer",
+                             "-j", "worker.jobs.FrameJob"], "bench-naive", a.workers)
         figures["naive"] = stack.throughput(a.naive_n)
-        print(f"  naive per-frame worker {figures['naive']:8.1f} frames/s")
-        stack.stop_worker()
+        print(f"  {'naive per-frame workers (' + str(a.workers) + ')':40s} {figures['naive']:8.1f} frames/s")
+        stack.stop_workers()
 
-    limit = max(figures["in_process_sequential"], figures["in_process_overlapped"])
     ratios = {
         "full_path / in_process_limit": figures["full_path"] / limit,
         "full_path / naive": figures["full_path"] / figures["naive"],
-        "in_process_limit / model_only": limit / figures["model_only"],
+        "in_process_limit / model_only": limit / model_only,
     }
     for name, value in ratios.items():
-        print(f"  {name:32s} {value:6.2f}x")
-    report = {"arch": engine.manifest["arch"], "input": a.size, "precision": engine.precision, "batch": a.batch,
-              "threads": a.threads, "figures": figures, "ratios": ratios,
+        print(f"  {name:40s} {value:8.2f}x")
+    report = {"arch": a.arch, "input": a.size, "precision": "int8", "batch": a.batch, "workers": a.workers,
+              "threads_per_worker": a.threads, "figures": figures, "in_process_limit": limit, "ratios": ratios,
               "latency": {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in latency.items()}}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     plot_latency(latency, out / "latency.png")

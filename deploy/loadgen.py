@@ -36,7 +36,7 @@ def run(redis_url: str, n: int, rate: float | None, max_depth: int, chunk: int, 
         else:
             depth = conn.llen(queue.key)
             if depth >= max_depth:
-                time.sleep(0.001)
+                time.sleep(0.005)  # a busy-polling producer would take CPU from the workers it feeds
                 continue
             size = min(chunk, max_depth - depth, n - sent)
         frames = [make_frame(images[(sent + i) % len(images)], station=station, seq=sent + i) for i in range(size)]

@@ -119,6 +119,8 @@ class SampleFeed:
         self._queue: stdqueue.Queue[Candidate | None] = stdqueue.Queue(maxsize=self.config.queue_size)
         self._thread = threading.Thread(target=self._run, name="vq-samples", daemon=True)
         self._rng = random.Random()
+        self._minute = 0
+        self._offered = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -138,6 +140,15 @@ class SampleFeed:
             strategy = "audit"
         else:
             return
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._offered = minute, 0
+        if self._offered >= cfg.per_minute:
+            # The fleet-wide quota can never grant one worker more than this: skip the hashing
+            # and the Redis round trip (a drifted model makes nearly every frame a candidate).
+            self.metrics.samples.labels(outcome="over_quota").inc()
+            return
+        self._offered += 1
         cand = Candidate(frame, prediction.label, prediction.confidence, [round(float(p), 6) for p in probs],
                          model_version, class_names, strategy, selection_score(probs, cfg.strategy), image)
         try:

@@ -13,6 +13,7 @@ A bad value stops the worker at start with a message naming the variable.
 | VQ_MAX_WAIT_MS | 5 | longest wait for more frames while fewer than VQ_MAX_BATCH are ready |
 | VQ_DECODE_THREADS | 2 | threads decoding images |
 | VQ_TORCH_THREADS | (torch's default) | intra-op threads for the forward pass |
+| VQ_OVERLAP_DECODE | on | decode the next batch during this batch's forward pass (on, off) |
 | VQ_TOPK | 3 | classes reported per frame |
 | VQ_HEARTBEAT_TTL | 10 | seconds an in-flight frame stays claimed without a heartbeat |
 | VQ_WORKER_TTL | 30 | the worker's own registration TTL |
@@ -87,6 +88,7 @@ class Settings:
     max_wait_ms: float = 5.0
     decode_threads: int = 2
     torch_threads: int = 0
+    overlap_decode: str = "on"
     topk: int = 3
     heartbeat_ttl: int = 10
     worker_ttl: int = 30
@@ -112,6 +114,7 @@ class Settings:
             max_wait_ms=env_float(env, "VQ_MAX_WAIT_MS", 5.0, 0.0, 10_000.0),
             decode_threads=env_int(env, "VQ_DECODE_THREADS", 2, 1, 64),
             torch_threads=env_int(env, "VQ_TORCH_THREADS", 0, 0, 256),
+            overlap_decode=env_choice(env, "VQ_OVERLAP_DECODE", "on", ("on", "off")),
             topk=env_int(env, "VQ_TOPK", 3, 1, 100),
             heartbeat_ttl=env_int(env, "VQ_HEARTBEAT_TTL", 10, 3, 3600),
             worker_ttl=env_int(env, "VQ_WORKER_TTL", 30, 16, 3600),

@@ -1,0 +1,119 @@
+"""The learning loop at tiny scale: ingest → review → fine-tune → gate → publish → rollback."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from helpers import CLASSES
+
+from continual import update as update_cli
+from continual.rollback import main as rollback_main
+from continual.store import SampleStore
+from deploy.simulated_reviewer import review
+from worker.artifact import load_for_serving, read_manifest
+from worker.frames import make_frame
+from worker.registry import ModelRegistry
+from worker.runtime import InferenceEngine
+from worker.sample_feed import SAMPLES_STREAM, Candidate, SampleFeed
+
+COLORS = {"ok": (128, 128, 128), "scratch": (40, 40, 220), "dent": (40, 200, 40), "stain": (200, 60, 40),
+          "crack": (30, 220, 230)}  # BGR; "crack" is a class the first model never saw
+
+
+def colour_image(name: str, rng: np.random.Generator, shade: float = 1.0) -> np.ndarray:
+    base = np.array(COLORS[name], dtype=np.float32) * shade
+    img = base + rng.normal(0, 12, (40, 40, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny 4-class model trained by the trainer on easy data (colours), its run folder."""
+    from trainer.train import main as train_main
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir()
+        for i in range(15):
+            cv2.imwrite(str(root / name / f"{i}.png"), colour_image(name, rng))
+    run = tmp_path_factory.mktemp("run")
+    code = train_main(["--data", str(root), "--out", str(run), "--arch", "resnet18", "--weights", "none",
+                       "--input-size", "32", "--epochs", "4", "--lr", "3e-3", "--batch-size", "16",
+                       "--warmup-epochs", "1", "--no-progress", "--calib-images", "32", "--threads", "2"])
+    assert code == 0
+    return run
+
+
+def push_captures(conn, n_per_class: int, classes: list[str], shade: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with conn.pipeline(transaction=False) as pipe:
+        for name in classes:
+            for i in range(n_per_class):
+                _, buf = cv2.imencode(".png", colour_image(name, rng, shade))
+                frame = make_frame(buf.tobytes(), station=f"cam-{i % 2}", seq=i, meta={"truth": name})
+                cand = Candidate(frame, "ok", 0.4, [0.4, 0.3, 0.2, 0.1], "v", CLASSES, "least_confidence", 0.6,
+                                 np.zeros((4, 4, 3), np.uint8))
+                pipe.xadd(SAMPLES_STREAM, SampleFeed._fields(cand, 0.0))
+        pipe.execute()
+
+
+def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, capsys):
+    registry = ModelRegistry(redis_conn)
+    v1 = registry.publish(base_run / "artifact")
+    store_dir = tmp_path / "store"
+    common = ["--redis-url", redis_url, "--store", str(store_dir), "--out", str(tmp_path / "updates"),
+              "--base-split", str(base_run / "split.json"), "--epochs", "3", "--replay", "40", "--threads", "2",
+              "--tolerance", "25", "--min-new-holdout", "3"]
+
+    # A drifted capture condition (darker) and a defect type nobody had seen, captured by workers.
+    push_captures(redis_conn, 10, [*CLASSES, "crack"], shade=0.7, seed=1)
+    assert update_cli.main([*common, "--min-new-labels", "20"]) == 0
+    assert "nothing to do: 0 new labels" in capsys.readouterr().out
+    assert redis_conn.xlen(SAMPLES_STREAM) == 0
+
+    # A second update while one holds the lock exits cleanly.
+    lock = redis_conn.lock(update_cli.LOCK_KEY, timeout=60)
+    assert lock.acquire(blocking=False)
+    assert update_cli.main([*common, "--min-new-labels", "1"]) == 0
+    assert "another update is running" in capsys.readouterr().out
+    lock.release()
+
+    with SampleStore(store_dir) as store:
+        # A careless labelling pass (labels shuffled): the gate must refuse what it produces.
+        shuffle = dict(zip([*CLASSES, "crack"], ["dent", "crack", "ok", "scratch", "stain"], strict=True))
+        review(store, tmp_path / "review", CLASSES, relabel=shuffle.get)
+        assert store.count("label IS NOT NULL") == 50
+    assert update_cli.main([*common, "--min-new-labels", "20"]) == update_cli.EXIT_REJECTED
+    out = capsys.readouterr().out
+    assert '"verdict": "rejected"' in out
+    assert registry.current() == v1
+
+    with SampleStore(store_dir) as store:  # the simulated reviewer's second, careful pass
+        store.set_labels({s.frame_id: s.meta["truth"] for s in store.samples()}, "simulated-reviewer")
+    assert update_cli.main([*common, "--min-new-labels", "20"]) == 0
+    assert '"verdict": "promoted"' in capsys.readouterr().out
+    v2 = registry.current()
+    assert v2 != v1
+    manifest = registry.manifest(v2)
+    base_classes = read_manifest(base_run / "artifact")["class_names"]
+    assert manifest["class_names"] == [*base_classes, "crack"] and manifest["parent_version"] == v1
+
+    # The new class reaches the served model: the worker runtime names a crack a crack.
+    served = load_for_serving(registry.fetch(v2, tmp_path / "cache"))
+    engine = InferenceEngine(served)
+    rng = np.random.default_rng(7)
+    cracks = [cv2.cvtColor(cv2.resize(colour_image("crack", rng, 0.7), (32, 32)), cv2.COLOR_BGR2RGB)
+              for _ in range(8)]
+    labels = [p.label for p in engine.predictions(engine.forward(cracks))]
+    engine.close()
+    assert labels.count("crack") >= 6, labels
+
+    # Labels already used do not count as new.
+    assert update_cli.main([*common, "--min-new-labels", "1"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+    assert rollback_main(["--redis-url", redis_url]) == 0
+    assert registry.current() == v1
+    assert read_manifest(base_run / "artifact")["version"] == v1

@@ -1,8 +1,15 @@
-"""The one-command demo: `python -m deploy.demo`.
+"""The one-command demo: `python -m deploy.demo [--quick]`.
 
-Today it shows the streaming path end to end: an embedded Redis (unless REDIS_URL is set), a
-model artifact published to the registry, two real `rq worker -w worker.BatchWorker` processes,
-a producer sending camera-like frames, and the results. Ctrl-C stops everything it started.
+The whole story on one machine, with real processes:
+  1. an embedded Redis (or REDIS_URL), synthetic inspection data (trainer.synth)
+  2. train a small model, calibrate, quantize to int8, publish it to the registry
+  3. two `rq worker --worker-class worker.BatchWorker` processes serve it
+  4. simulated cameras stream frames; halfway the capture conditions drift (night shift)
+  5. workers capture low-confidence frames; a simulated reviewer labels them from the synthetic
+     ground truth; `python -m continual.update` fine-tunes, gates and promotes a new version
+  6. the workers hot-swap while frames keep flowing; accuracy on the drifted stream recovers
+A live view shows frames/s, latency, batch size, queue depth and accuracy per model version;
+demo-out/summary.md and PNG plots are written at the end. Ctrl-C stops every process it started.
 """
 
 from __future__ import annotations
@@ -10,23 +17,43 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from redis import Redis
 
-from producer.api import Producer
-from worker.logs import configure_logging
 from worker.redis_server import RedisServer
 from worker.registry import ModelRegistry
 
-from .frames import camera_frames
-from .workers import start_worker, stop_worker, wait_registered
+from .cameras import SimulatedCamera, labelled_images
+from .monitor import Monitor, write_report
+from .workers import ROOT, start_worker, stop_worker, wait_registered
+
+DRIFT = "night"
+
+
+@dataclass(frozen=True)
+class Profile:
+    train_images: int
+    stream_images: int
+    size: int
+    epochs: int
+    phase_a_s: float
+    min_labels: int
+    update_epochs: int
+    replay: int
+    phase_c_s: float
+    fps: float
+
+
+FULL = Profile(train_images=1200, stream_images=400, size=96, epochs=14, phase_a_s=30, min_labels=160,
+               update_epochs=8, replay=400, phase_c_s=45, fps=8)
+QUICK = Profile(train_images=500, stream_images=200, size=64, epochs=8, phase_a_s=12, min_labels=80,
+                update_epochs=5, replay=200, phase_c_s=20, fps=6)
 
 
 def say(msg: str) -> None:
@@ -36,71 +63,222 @@ def say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="smaller data and shorter phases (about 3 minutes)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--size", type=int, default=128, help="model input size")
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--quick", action="store_true", help="fewer frames")
     a = p.parse_args(argv)
+    from worker.logs import configure_logging
+
     configure_logging("console", "warning")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-    frames_n = 64 if a.quick else a.frames
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(QUICK if a.quick else FULL, a.out, a.workers)
+    except KeyboardInterrupt:
+        say("interrupted: every process the demo started has been stopped")
+        return 130
 
+
+def run(prof: Profile, out: Path, n_workers: int) -> int:
+    t_start = time.time()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         url = os.environ.get("REDIS_URL")
         if url:
             say(f"using Redis at {url}")
         else:
-            server = stack.enter_context(RedisServer())
-            url = server.url
+            url = stack.enter_context(RedisServer()).url
             say(f"started an embedded redis-server at {url}")
         conn = Redis.from_url(url)
 
-        from deploy.bench import build_artifact
+        # 1-2. data, training, publication
+        from trainer.synth import generate
+        from trainer.train import main as train_main
 
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vq-demo-")))
-        images = camera_frames(16)
-        artifact = build_artifact(tmp / "model", "resnet18", a.size, images)
-        version = ModelRegistry(conn).publish(artifact)
-        say(f"published model {version} (resnet18 int8 @{a.size}, untrained weights) and made it current")
+        sets = {"train": ("default", 0, prof.train_images), "stream-default": ("default", 1, prof.stream_images),
+                f"stream-{DRIFT}": (DRIFT, 2, prof.stream_images)}
+        for name, (condition, seed, n) in sets.items():
+            if not (work / name / "synth.json").exists():
+                generate(work / name, n, condition=condition, seed=seed)
+        say(f"synthetic inspection data: {prof.train_images} training images, streams of the default and "
+            f"'{DRIFT}' conditions")
+        run_dir = work / "run"
+        t0 = time.time()
+        argv = ["--data", str(work / "train"), "--out", str(run_dir), "--arch", "resnet18", "--weights", "none",
+                "--input-size", str(prof.size), "--epochs", str(prof.epochs), "--lr", "2e-3",
+                "--warmup-epochs", "1", "--publish", "--redis-url", url]
+        if not sys.stdout.isatty():
+            argv.append("--no-progress")
+        if train_main(argv) != 0:
+            raise RuntimeError("training failed: see the log above")
+        registry = ModelRegistry(conn)
+        v1 = registry.current()
+        train_s = time.time() - t0
+        import json
 
-        env = dict(os.environ, VQ_MODEL_CACHE=str(tmp / "cache"), VQ_LOG_LEVEL="warning",
-                   VQ_TORCH_THREADS="1", VQ_DECODE_THREADS="1")
+        result = json.loads((run_dir / "result.json").read_text())
+        say(f"trained resnet18 @{prof.size}px in {train_s:.0f}s: test accuracy {result['test_accuracy']:.1%}, "
+            f"false alarms on 'ok' {result['test_false_alarm_rate']:.1%}, {result['precision']}; "
+            f"published and promoted {v1}")
+
+        # 3. workers
+        env = dict(os.environ, VQ_MODEL_CACHE=str(work / "cache"), VQ_LOG_LEVEL="warning", VQ_TORCH_THREADS="1",
+                   VQ_DECODE_THREADS="1", VQ_SAMPLE_PER_MINUTE="3000", VQ_SAMPLE_THRESHOLD="0.9",
+                   VQ_SWAP_POLL_S="0.5", VQ_MAX_WAIT_MS="10")
         procs = []
-        for i in range(a.workers):
-            proc = start_worker(url, f"demo-worker-{i}", env)
+        for i in range(n_workers):
+            proc = start_worker(url, f"demo-worker-{i}", env, output=subprocess.DEVNULL)
             stack.callback(stop_worker, proc)
             procs.append(proc)
         for i, proc in enumerate(procs):
             wait_registered(conn, proc, f"demo-worker-{i}")
-        say(f"{a.workers} BatchWorkers are serving (rq worker --worker-class worker.BatchWorker)")
+        say(f"{n_workers} BatchWorkers serving {v1}")
 
-        with Producer(conn, station="demo-cam") as producer:
-            t0 = time.perf_counter()
-            ids = producer.submit_many([images[i % len(images)] for i in range(frames_n)])
-            outcomes = list(producer.wait(ids, timeout=120))
-            elapsed = time.perf_counter() - t0
-        ok = [o.result for o in outcomes if o.ok]
-        lat = np.array([r["timings"]["end_to_end_ms"] for r in ok]) if ok else np.array([0.0])
-        say(f"{len(ok)}/{len(ids)} frames classified in {elapsed:.1f}s ({len(ok) / elapsed:.0f} frames/s); "
-            f"capture->result p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms")
-        say(f"labels: {dict(Counter(r['label'] for r in ok))}; batch sizes: "
-            f"{dict(Counter(r['timings']['batch_size'] for r in ok))}; workers: "
-            f"{dict(Counter(r['worker'] for r in ok))}")
-        for r in ok[:3]:
-            say(f"  frame {r['frame_id'][:8]} -> {r['label']} ({r['confidence']:.2f}) by model {r['model_version']}")
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            say(f"{len(failed)} frames failed: {failed[0].reason}")
-            return 1
-    say("stopped every process the demo started")
-    return 0
+        # 4. cameras, default condition
+        default_imgs = labelled_images(work / "stream-default")
+        drift_imgs = labelled_images(work / f"stream-{DRIFT}")
+        cams = [SimulatedCamera(conn, f"line-{i + 1}", prof.fps, default_imgs, "default").start() for i in range(2)]
+        for cam in cams:
+            stack.callback(cam.stop)
+        monitor = Monitor(conn, cams)
+        monitor.started = t_start
+        view = stack.enter_context(_View())
+        monitor.phase = "default conditions"
+        monitor.mark(f"cameras start (default conditions), model {v1}")
+        _watch(monitor, view, prof.phase_a_s)
+
+        # 5. drift
+        for cam in cams:
+            cam.switch(drift_imgs, DRIFT)
+        monitor.phase = f"drift: '{DRIFT}' conditions"
+        monitor.mark(f"capture conditions drift to '{DRIFT}'")
+        from continual.ingest import ingest
+        from continual.store import SampleStore
+
+        from .simulated_reviewer import review
+
+        store_dir = work / "store"
+        classes = registry.manifest(v1)["class_names"]
+        with SampleStore(store_dir) as store:
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                _watch(monitor, view, 5)
+                ingest(conn, store)
+                review(store, work / "review", classes)
+                monitor.labelled = store.count("label IS NOT NULL")
+                if monitor.labelled >= prof.min_labels:
+                    break
+        monitor.mark(f"simulated reviewer labelled {monitor.labelled} captured frames")
+
+        # 6. update while frames keep flowing, then the swap
+        monitor.phase = "continual.update running"
+        monitor.mark("python -m continual.update starts")
+        cmd = [sys.executable, "-m", "continual.update", "--redis-url", url, "--store", str(store_dir),
+               "--out", str(work / "updates"), "--base-split", str(run_dir / "split.json"),
+               "--min-new-labels", str(prof.min_labels // 2), "--epochs", str(prof.update_epochs),
+               "--replay", str(prof.replay), "--threads", "2"]
+        log_path = out / "update.log"
+        with open(log_path, "w") as log_file:
+            update = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            stack.callback(lambda: update.poll() is None and update.kill())
+            while update.poll() is None:
+                _watch(monitor, view, 1)
+        v2 = registry.current()
+        verdict = "promoted" if update.returncode == 0 and v2 != v1 else f"not promoted (exit {update.returncode})"
+        monitor.mark(f"update finished: {verdict}" + (f", {v2}" if v2 != v1 else ""))
+        if v2 != v1:
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(r.version == v2 for r in monitor.rows):
+                _watch(monitor, view, 0.5)
+            monitor.mark(f"swap: workers serve {v2}")
+        # 7. after the swap: one line stays in the drifted conditions, the other goes back to default
+        cams[1].switch(default_imgs, "default")
+        monitor.phase = "after the update" if v2 != v1 else "after a rejected update"
+        swap_time = time.time()
+        _watch(monitor, view, prof.phase_c_s)
+        for cam in cams:
+            cam.stop()
+        deadline = time.time() + 60
+        while time.time() < deadline and len(monitor.rows) + monitor.failed < monitor.sent():
+            _watch(monitor, view, 0.5)
+        monitor.phase = "done"
+
+    # 8. the report
+    sent, done = monitor.sent(), len(monitor.rows)
+    lost = sent - done - monitor.failed
+    after = monitor.by_version_condition(swap_time)
+    before = monitor.by_version_condition()
+    lat = sorted(r.latency_ms for r in monitor.rows)
+    facts = {
+        "duration_s": time.time() - t_start, "cores": os.cpu_count(), "classes": classes, "drift_condition": DRIFT,
+        "v1": v1, "v2": v2 if v2 != v1 else None, "update_report": _update_report(work / "updates"),
+        "figures": {
+            "frames sent / classified / failed / lost": f"{sent} / {done} / {monitor.failed} / {lost}",
+            "mean throughput": f"{done / max(1.0, time.time() - t_start - train_s):.1f} frames/s",
+            "p50 / p99 capture→result": (f"{lat[len(lat) // 2]:.0f} / {lat[int(len(lat) * 0.99)]:.0f} ms"
+                                         if lat else "–"),
+            "initial model, test split (default)": f"{result['test_accuracy']:.1%}",
+            "initial model on default frames": _fmt(before.get((v1, "default"))),
+            f"initial model on {DRIFT} frames": _fmt(before.get((v1, DRIFT))),
+            f"updated model on {DRIFT} frames": _fmt(after.get((v2, DRIFT))) if v2 != v1 else "–",
+            "updated model on default frames": _fmt(after.get((v2, "default"))) if v2 != v1 else "–",
+            "update verdict": verdict,
+        },
+    }
+    summary = write_report(monitor, out, facts)
+    say("figures:")
+    for k, v in facts["figures"].items():
+        say(f"  {k}: {v}")
+    say(f"wrote {summary} and plots in {out}/; stopped every process the demo started")
+    return 0 if lost == 0 else 1
+
+
+def _fmt(cell: tuple[int, float] | None) -> str:
+    return "–" if cell is None else f"{cell[1]:.1%} of {cell[0]} frames"
+
+
+def _update_report(updates: Path) -> str | None:
+    reports = sorted(updates.glob("*/report.md")) if updates.exists() else []
+    return str(reports[-1]) if reports else None
+
+
+def _watch(monitor: Monitor, view: _View, seconds: float) -> None:
+    end = time.time() + seconds
+    while True:
+        monitor.poll()
+        view.show(monitor)
+        if time.time() >= end:
+            return
+        time.sleep(min(0.5, max(0.0, end - time.time())))
+
+
+class _View:
+    """rich's live table on a terminal; a plain status line every 5 s otherwise (CI, logs)."""
+
+    def __init__(self) -> None:
+        self._live = None
+        self._printed = 0.0
+
+    def __enter__(self) -> _View:
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            self._live = Live(refresh_per_second=2)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def show(self, monitor: Monitor) -> None:
+        if self._live is not None:
+            self._live.update(monitor.table())
+        elif time.time() - self._printed >= 5:
+            self._printed = time.time()
+            print(monitor.line(), flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(main())

@@ -33,5 +33,6 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
-        cache_logger_on_first_use=True,
+        # Not cached: tests (structlog.testing.capture_logs) and late reconfiguration must take effect.
+        cache_logger_on_first_use=False,
     )

@@ -1,0 +1,214 @@
+"""What the demo shows and reports: results joined with the cameras' ground truth, over time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis import Redis
+
+from worker.jobs import RESULTS_STREAM, FrameQueue
+from worker.sample_feed import SAMPLES_STREAM
+
+from .cameras import SimulatedCamera
+
+
+@dataclass
+class Row:
+    done_at: float
+    version: str
+    station: str
+    condition: str
+    truth: str
+    label: str
+    latency_ms: float
+    batch: int
+
+    @property
+    def correct(self) -> bool:
+        return self.truth == self.label
+
+
+class Monitor:
+    def __init__(self, conn: Redis, cameras: list[SimulatedCamera]) -> None:
+        self.conn = conn
+        self.cameras = cameras
+        self.rows: list[Row] = []
+        self.failed = 0
+        self.events: list[tuple[float, str]] = []
+        self.phase = "starting"
+        self.captured = 0
+        self.labelled = 0
+        self._last_id = "0-0"
+        self.started = time.time()
+
+    def mark(self, event: str) -> None:
+        self.events.append((time.time(), event))
+
+    def poll(self) -> None:
+        """Read new results from the stream and join them with what the cameras sent."""
+        ledger: dict[str, Any] = {}
+        for cam in self.cameras:
+            ledger.update(cam.ledger)
+        while True:
+            batch = self.conn.xread({RESULTS_STREAM: self._last_id}, count=1000)
+            if not batch:
+                break
+            for entry_id, f in batch[0][1]:
+                self._last_id = entry_id
+                if f.get(b"status") != b"ok":
+                    self.failed += 1
+                    continue
+                r = json.loads(f[b"result"])
+                sent = ledger.get(r["frame_id"])
+                if sent is None:
+                    continue
+                self.rows.append(Row(r["done_at"], r["model_version"], r["station"], sent.condition, sent.truth,
+                                     r["label"], r["timings"]["end_to_end_ms"], r["timings"]["batch_size"]))
+
+    # -- figures ------------------------------------------------------------------------------------
+    def recent(self, seconds: float = 10.0) -> list[Row]:
+        cut = time.time() - seconds
+        return [r for r in self.rows if r.done_at >= cut]
+
+    def accuracy(self, rows: list[Row]) -> float | None:
+        return float(np.mean([r.correct for r in rows])) if rows else None
+
+    def by_version_condition(self, since: float = 0.0) -> dict[tuple[str, str], tuple[int, float]]:
+        groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
+        for r in self.rows:
+            if r.done_at >= since:
+                groups[(r.version, r.condition)].append(r.correct)
+        return {k: (len(v), float(np.mean(v))) for k, v in sorted(groups.items())}
+
+    def sent(self) -> int:
+        return sum(len(c.ledger) for c in self.cameras)
+
+    def snapshot(self) -> dict[str, Any]:
+        recent = self.recent(10.0)
+        lat = [r.latency_ms for r in recent]
+        return {
+            "phase": self.phase,
+            "elapsed_s": time.time() - self.started,
+            "fps": len(recent) / 10.0,
+            "p50_ms": float(np.percentile(lat, 50)) if lat else None,
+            "p99_ms": float(np.percentile(lat, 99)) if lat else None,
+            "batch": float(np.mean([r.batch for r in recent])) if recent else None,
+            "queue": self.conn.llen(FrameQueue(connection=self.conn).key),
+            "accuracy_10s": self.accuracy(recent),
+            "versions": Counter(r.version for r in recent),
+            "sent": self.sent(),
+            "done": len(self.rows),
+            "failed": self.failed,
+            "samples_in_stream": self.conn.xlen(SAMPLES_STREAM),
+            "labelled": self.labelled,
+        }
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        s = self.snapshot()
+        t = Table(title=f"visionqueue demo — {s['phase']} ({s['elapsed_s']:.0f}s)", show_header=False)
+        t.add_column("what", style="cyan")
+        t.add_column("value")
+
+        def fmt(v: float | None, spec: str) -> str:
+            return "–" if v is None else format(v, spec)
+
+        t.add_row("frames/s (10 s)", fmt(s["fps"], ".1f"))
+        t.add_row("capture→result p50 / p99", f"{fmt(s['p50_ms'], '.0f')} / {fmt(s['p99_ms'], '.0f')} ms")
+        t.add_row("mean batch", fmt(s["batch"], ".1f"))
+        t.add_row("queue depth", str(s["queue"]))
+        t.add_row("accuracy (10 s)", fmt(s["accuracy_10s"], ".1%"))
+        for (version, condition), (n, acc) in self.by_version_condition(time.time() - 60).items():
+            t.add_row(f"  model …{version[-6:]} on {condition} (60 s)", f"{acc:.1%} of {n}")
+        t.add_row("frames sent / classified / failed", f"{s['sent']} / {s['done']} / {s['failed']}")
+        t.add_row("samples waiting / labelled (simulated reviewer)", f"{s['samples_in_stream']} / {s['labelled']}")
+        return t
+
+    def line(self) -> str:
+        s = self.snapshot()
+        acc = "–" if s["accuracy_10s"] is None else f"{s['accuracy_10s']:.1%}"
+        p99 = "–" if s["p99_ms"] is None else f"{s['p99_ms']:.0f}"
+        return (f"[{s['elapsed_s']:5.0f}s] {s['phase']:<28} {s['fps']:5.1f} fps  p99 {p99:>5} ms  "
+                f"acc(10s) {acc:>6}  queue {s['queue']:>4}  sent {s['sent']}  done {s['done']}  "
+                f"failed {s['failed']}  samples {s['samples_in_stream']}  labelled {s['labelled']}")
+
+
+def write_report(monitor: Monitor, out: Path, facts: dict[str, Any]) -> Path:
+    """demo-out/summary.md and the PNG plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainer import plots
+    from trainer.metrics import confusion_matrix
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(monitor.rows, key=lambda r: r.done_at)
+    t0 = monitor.started
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for condition in sorted({r.condition for r in rows}):
+        sel = [r for r in rows if r.condition == condition]
+        if len(sel) < 5:
+            continue
+        times = np.array([r.done_at - t0 for r in sel])
+        hits = np.array([r.correct for r in sel], dtype=float)
+        window = max(5, len(sel) // 40)
+        rolling = np.convolve(hits, np.ones(window) / window, mode="valid")
+        ax1.plot(times[window - 1:], rolling, label=f"{condition} frames")
+    ax1.set_ylabel("accuracy (rolling)")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(loc="lower left")
+    ax2.plot([r.done_at - t0 for r in rows], [r.latency_ms for r in rows], ".", ms=2, alpha=0.5)
+    ax2.set_ylabel("capture→result (ms)")
+    ax2.set_xlabel("seconds since the demo started")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        for t, event in monitor.events:
+            ax.axvline(t - t0, color="red" if event.startswith("swap") else "grey", ls="--", lw=1)
+    ax1.set_title("accuracy and latency over time (dashed: drift, update, swap in red)")
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png", dpi=110)
+    plt.close(fig)
+
+    classes = facts["classes"]
+    drift = facts["drift_condition"]
+    for name, sel in (("before", [r for r in rows if r.condition == drift and r.version == facts["v1"]]),
+                      ("after", [r for r in rows if r.condition == drift and r.version == facts.get("v2")])):
+        if sel:
+            idx = {c: i for i, c in enumerate(classes)}
+            cm = confusion_matrix(np.array([idx[r.truth] for r in sel]), np.array([idx.get(r.label, 0) for r in sel]),
+                                  len(classes))
+            plots.confusion(cm.tolist(), classes, out / f"confusion_{drift}_{name}.png",
+                            title=f"{drift} frames, model {'before' if name == 'before' else 'after'} the update")
+
+    table = monitor.by_version_condition()
+    lines = ["# visionqueue demo summary", "", f"Run {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+             f"{facts['duration_s']:.0f} s end to end on {facts['cores']} CPU cores.", "",
+             "## What happened", ""]
+    for t, event in monitor.events:
+        lines.append(f"- {t - t0:6.1f} s — {event}")
+    lines += ["", "## Figures", "", "| figure | value |", "| --- | --- |"]
+    for k, v in facts["figures"].items():
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "## Accuracy by model and capture condition (streamed frames)", "",
+              "| model | condition | frames | accuracy |", "| --- | --- | --- | --- |"]
+    for (version, condition), (n, acc) in table.items():
+        role = "initial" if version == facts["v1"] else "after update" if version == facts.get("v2") else ""
+        lines.append(f"| `{version}` ({role}) | {condition} | {n} | {acc:.1%} |")
+    lines += ["", "## Plots", "", "- `timeline.png`: accuracy per condition and latency over time, with the swap",
+              f"- `confusion_{drift}_before.png`, `confusion_{drift}_after.png`: the drifted frames, before and "
+              "after the update", "", "The reviewer in this demo is a **simulated reviewer**: it labels captured "
+              "frames from the synthetic ground truth the simulated cameras attach to each frame.", ""]
+    if facts.get("update_report"):
+        lines += ["## The update's own report", "", Path(facts["update_report"]).read_text(), ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return out / "summary.md"

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import time
+import urllib.request
 
 from conftest import wait_for
 from helpers import CLASSES, jpeg, png, start_worker, stop_worker, tiny_artifact, worker_registered
@@ -15,6 +16,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 from worker.frames import make_frame
 from worker.jobs import RESULTS_STREAM, FrameQueue, enqueue_frames
+from worker.redis_server import free_port
 
 
 def statuses(jobs):
@@ -31,7 +33,9 @@ def test_frames_flow_in_batches_with_results_and_true_rq_state(tmp_path, redis_u
     queue = FrameQueue(connection=redis_conn)
     frames = [make_frame(jpeg(seed=i), station="line-1", seq=i) for i in range(48)]
     jobs = enqueue_frames(queue, frames)  # queued before the worker starts: batches must form
-    proc = start_worker(redis_url, subprocess_env, "w-e2e", VQ_MODEL_PATH=str(artifact), VQ_MAX_BATCH="16")
+    metrics_port = free_port()
+    proc = start_worker(redis_url, subprocess_env, "w-e2e", VQ_MODEL_PATH=str(artifact), VQ_MAX_BATCH="16",
+                        VQ_METRICS_PORT=str(metrics_port))
     try:
         wait_for(lambda: all_done(jobs), timeout=90, what="48 frames classified")
         assert statuses(jobs) == [JobStatus.FINISHED] * 48
@@ -56,6 +60,12 @@ def test_frames_flow_in_batches_with_results_and_true_rq_state(tmp_path, redis_u
         assert redis_conn.llen(queue.intermediate_queue_key) == 0
         [w] = [w for w in Worker.all(connection=redis_conn) if w.name == "w-e2e"]
         assert w.successful_job_count == 48
+
+        # Prometheus metrics on VQ_METRICS_PORT.
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'vq_frames_total{outcome="ok"} 48.0' in text
+        assert f'vq_model_info{{precision="int8",version="{versions.pop()}"}} 1.0' in text
+        assert "vq_batch_size_count" in text and "vq_end_to_end_seconds_bucket" in text
     finally:
         out = stop_worker(proc)
     assert proc.returncode == 0, out

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import CLASSES, start_worker, stop_worker, tiny_artifact
+from helpers import CLASSES, jpeg, png, start_worker, stop_worker, tiny_artifact
 from redis import Redis
 from rq.job import JobStatus
 from rq.results import Result
@@ -24,19 +24,6 @@ from worker.frames import FrameError, validate_frame
 from worker.jobs import JOB_FUNC, QUEUE_NAME, FrameJob, FrameQueue
 
 PY = sys.executable
-
-
-def jpeg(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
-    img = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", img)
-    assert ok
-    return buf.tobytes()
-
-
-def png(width: int = 40, height: int = 30) -> bytes:
-    ok, buf = cv2.imencode(".png", np.full((height, width, 3), 127, dtype=np.uint8))
-    assert ok
-    return buf.tobytes()
 
 
 def run_producer(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:

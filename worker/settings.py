@@ -38,30 +38,25 @@ class SettingsError(ValueError):
     pass
 
 
-def env_int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def _env_number(env: dict[str, str], name: str, default: float, lo: float, hi: float, cast: type, kind: str):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+        raise SettingsError(f"{name}={raw!r} is not {kind}") from None
     if not lo <= value <= hi:
         raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
     return value
+
+
+def env_int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    return _env_number(env, name, default, lo, hi, int, "an integer")
 
 
 def env_float(env: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
-    return value
+    return _env_number(env, name, default, lo, hi, float, "a number")
 
 
 def env_choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -219,13 +219,12 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         for cam in cams:
             cam.stop()
         deadline = time.time() + 60
-        while time.time() < deadline and len(monitor.rows) + monitor.failed < monitor.sent():
+        while time.time() < deadline and monitor.lost():
             _watch(monitor, view, 0.5)
         monitor.phase = "done"
 
     # 8. the report
-    sent, done = monitor.sent(), len(monitor.rows)
-    lost = sent - done - monitor.failed
+    sent, done, lost = monitor.sent(), len({r.frame_id for r in monitor.rows}), len(monitor.lost())
     after = monitor.by_version_condition(swap_time)
     before = monitor.by_version_condition()
     lat = sorted(r.latency_ms for r in monitor.rows)
@@ -243,6 +242,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
             f"updated model on {DRIFT} frames": _fmt(after.get((v2, DRIFT))) if v2 != v1 else "–",
             "updated model on default frames": _fmt(after.get((v2, "default"))) if v2 != v1 else "–",
             "update verdict": verdict,
+            "failures (the worker's reason)": "; ".join(sorted(set(monitor.failures.values())))[:300] or "none",
         },
     }
     summary = write_report(monitor, out, facts)

@@ -20,6 +20,7 @@ from .cameras import SimulatedCamera
 
 @dataclass
 class Row:
+    frame_id: str
     done_at: float
     version: str
     station: str
@@ -39,7 +40,7 @@ class Monitor:
         self.conn = conn
         self.cameras = cameras
         self.rows: list[Row] = []
-        self.failed = 0
+        self.failures: dict[str, str] = {}  # frame id -> the worker's error
         self.events: list[tuple[float, str]] = []
         self.phase = "starting"
         self.captured = 0
@@ -62,14 +63,15 @@ class Monitor:
             for entry_id, f in batch[0][1]:
                 self._last_id = entry_id
                 if f.get(b"status") != b"ok":
-                    self.failed += 1
+                    self.failures[f[b"frame_id"].decode()] = f.get(b"error", b"").decode()
                     continue
                 r = json.loads(f[b"result"])
                 sent = ledger.get(r["frame_id"])
                 if sent is None:
                     continue
-                self.rows.append(Row(r["done_at"], r["model_version"], r["station"], sent.condition, sent.truth,
-                                     r["label"], r["timings"]["end_to_end_ms"], r["timings"]["batch_size"]))
+                self.rows.append(Row(r["frame_id"], r["done_at"], r["model_version"], r["station"], sent.condition,
+                                     sent.truth, r["label"], r["timings"]["end_to_end_ms"],
+                                     r["timings"]["batch_size"]))
 
     # -- figures ------------------------------------------------------------------------------------
     def recent(self, seconds: float = 10.0) -> list[Row]:
@@ -88,6 +90,15 @@ class Monitor:
 
     def sent(self) -> int:
         return sum(len(c.ledger) for c in self.cameras)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def lost(self) -> list[str]:
+        """Frames sent that have neither a result nor a recorded failure."""
+        answered = {r.frame_id for r in self.rows} | set(self.failures)
+        return [fid for cam in self.cameras for fid in cam.ledger if fid not in answered]
 
     def snapshot(self) -> dict[str, Any]:
         recent = self.recent(10.0)

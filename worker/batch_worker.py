@@ -166,8 +166,21 @@ class BatchWorker(SimpleWorker):
         super().teardown()
 
     # -- the batch ----------------------------------------------------------------------------
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        # Wait for a free slot *before* taking a frame: a frame moved to the intermediate list and left
+        # there unclaimed for a heartbeat TTL looks abandoned, and another worker would run it too.
+        while not self._slots.acquire(timeout=1.0):
+            self.heartbeat()
+        try:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        except BaseException:
+            self._slots.release()
+            raise
+        if result is None:
+            self._slots.release()
+        return result
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        self._slots.acquire()
         jobs = self._collect(job, queue)
         batch = self._claim(jobs, queue)
         self._handoff.put(batch)

@@ -10,7 +10,6 @@ The verdict promotes only when every check passes:
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections import defaultdict
@@ -25,8 +24,7 @@ import torch
 from trainer.data import Sample
 from trainer.evaluate import load_model, model_logits
 from trainer.metrics import confusion_matrix
-from worker.artifact import load_float_model, load_for_serving, read_manifest
-from worker.model import to_inference
+from worker.artifact import load_for_serving, read_manifest
 
 
 @dataclass
@@ -98,12 +96,14 @@ def judge(candidate: Path, current: Path, root: Path, original: Sequence[Sample]
           classes: list[str], stations: dict[str, str], config: GateConfig) -> tuple[Verdict, dict[str, Any]]:
     checks: dict[str, Any] = {}
     reasons: list[str] = []
+    # Each model runs once over both holdouts, as a worker serves it; the scores slice the predictions.
+    everything = list(original) + list(new)
+    served = {who: predictions(path, root, everything, classes) for who, path in
+              (("current", current), ("candidate", candidate))}
     results: dict[str, Any] = {}
-    for name, samples in (("original_holdout", original), ("new_holdout", new)):
-        results[name] = {
-            "current": score(predictions(current, root, samples, classes), samples, classes, stations),
-            "candidate": score(predictions(candidate, root, samples, classes), samples, classes, stations),
-        }
+    for name, part, samples in (("original_holdout", slice(0, len(original)), original),
+                                ("new_holdout", slice(len(original), None), new)):
+        results[name] = {who: score(preds[part], samples, classes, stations) for who, preds in served.items()}
     orig, fresh = results["original_holdout"], results["new_holdout"]
     if orig["current"].n:
         drop = (orig["current"].accuracy - orig["candidate"].accuracy) * 100
@@ -126,14 +126,10 @@ def judge(candidate: Path, current: Path, root: Path, original: Sequence[Sample]
             reasons.append(f"new holdout: not better than the current model ({gain:+.1f} points)")
 
     # The int8 artifact in the worker runtime: loads, keeps its accuracy, is fast enough.
-    everything = list(original) + list(new)
     try:
         manifest = read_manifest(candidate)
-        int8 = predictions(candidate, root, everything, classes, precision="auto")
-        fp32_model = to_inference(copy.deepcopy(load_float_model(candidate, manifest)))
-        fp32_logits, labels = model_logits(fp32_model, root, everything, manifest, batch_size=32)
-        names = manifest["class_names"]
-        fp32 = np.array([classes.index(names[i]) for i in fp32_logits.argmax(1)]) if len(labels) else int8
+        int8 = served["candidate"]
+        fp32 = predictions(candidate, root, everything, classes, precision="fp32")
         labels_all = np.array([s.label for s in everything])
         drop = float(((fp32 == labels_all).mean() - (int8 == labels_all).mean()) * 100) if len(labels_all) else 0.0
         ratio = latency_ms(candidate) / latency_ms(current)

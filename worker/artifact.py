@@ -39,10 +39,6 @@ class ArtifactError(ValueError):
     """An artifact that must not be served: wrong checksum, missing file, inconsistent manifest."""
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

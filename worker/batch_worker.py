@@ -249,7 +249,6 @@ class BatchWorker(SimpleWorker):
         self._swap_if_ready()
         assert self.engine is not None
         batch = Batch(queue=queue, engine=self.engine, claimed_at=time.time())
-        wall = time.time()
         with self.connection.pipeline() as pipe:
             for job in jobs:
                 execution = Execution.create(job, self.settings.heartbeat_ttl, pipeline=pipe, worker_name=self.name)
@@ -260,7 +259,7 @@ class BatchWorker(SimpleWorker):
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 batch.jobs.append(job)
                 try:
-                    batch.frames[job.id] = self._accept(job, wall)
+                    batch.frames[job.id] = self._accept(job, batch.claimed_at)
                 except (FrameError, FrameExpired, JobRejected) as exc:
                     batch.errors[job.id] = exc
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
@@ -378,18 +377,19 @@ class BatchWorker(SimpleWorker):
                     pipe.xadd(RESULTS_STREAM, stream_fields(outcome), maxlen=maxlen, approximate=True)
                     self.metrics.end_to_end.observe(outcome["timings"]["end_to_end_ms"] / 1000.0)
                     counts["ok"] += 1
-                    continue
-                infra = not isinstance(outcome, FrameError | FrameExpired | JobRejected)
-                if infra and job.should_retry:
-                    job.retry(batch.queue, pipe)
-                    counts["retried"] += 1
                 else:
-                    self._record_failure(job, execution, error_text(outcome), ended, ended_s, pipe)
-                    counts["expired" if isinstance(outcome, FrameExpired) else "failed"] += 1
+                    error = error_text(outcome)
+                    infra = not isinstance(outcome, FrameError | FrameExpired | JobRejected)
+                    if infra and job.should_retry:
+                        job.retry(batch.queue, pipe)
+                        counts["retried"] += 1
+                    else:
+                        self._record_failure(job, execution, error, ended, pipe)
+                        counts["expired" if isinstance(outcome, FrameExpired) else "failed"] += 1
+                    station = batch.frames.get(job.id, {}).get("station", "")
+                    pipe.xadd(RESULTS_STREAM, failure_fields(job.id, station, error, version),
+                              maxlen=maxlen, approximate=True)
                 execution.delete(job=job, pipeline=pipe)
-                station = batch.frames.get(job.id, {}).get("station", "")
-                pipe.xadd(RESULTS_STREAM, failure_fields(job.id, station, error_text(outcome), version),
-                          maxlen=maxlen, approximate=True)
             pipe.hincrby(self.key, "successful_job_count", counts["ok"])
             pipe.hincrby(self.key, "failed_job_count", counts["failed"] + counts["expired"])
             pipe.hincrbyfloat(self.key, "total_working_time", (time.time() - batch.claimed_at) * len(batch.jobs))
@@ -415,10 +415,8 @@ class BatchWorker(SimpleWorker):
         if result_ttl != 0:
             job.finished_job_registry.add(job, result_ttl, pipe)
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-        execution.delete(job=job, pipeline=pipe)
 
-    def _record_failure(self, job: Job, execution: Execution, exc_string: str, ended: Any, ended_s: str,
-                        pipe: Any) -> None:
+    def _record_failure(self, job: Job, execution: Execution, exc_string: str, ended: Any, pipe: Any) -> None:
         job._status = JobStatus.FAILED
         job._handle_failure(exc_string, pipe, worker_name=self.name, execution_id=execution.id,
                             execution_started_at=execution.created_at, execution_ended_at=ended)

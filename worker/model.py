@@ -83,12 +83,6 @@ def build_model(arch: str, num_classes: int, dropout: float = HEAD_DROPOUT) -> n
     return replace_head(model, num_classes, dropout)
 
 
-def head_out_features(model: nn.Module) -> int:
-    parent, attr = _head_slot_after_replace(model)
-    head = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
-    return head[1].out_features
-
-
 def to_inference(model: nn.Module) -> nn.Module:
     """eval mode, no grads, channels_last (what every CPU/GPU kernel here prefers)."""
     model.eval()

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from .frames import FrameError
-from .jobs import RESULTS_STREAM
 
 
 def build_result(
@@ -74,5 +73,3 @@ def error_text(exc: BaseException) -> str:
     name = "FrameError" if isinstance(exc, FrameError) else type(exc).__name__
     return f"{name}: {exc}"
 
-
-__all__ = ["RESULTS_STREAM", "build_result", "error_text", "failure_fields", "stream_fields"]

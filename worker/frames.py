@@ -7,17 +7,26 @@ JPEG or PNG bytes. Producers build frames with `make_frame`, workers check them 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
 import uuid
 from typing import Any
 
+from .settings import env_int
+
 FRAME_VERSION = 1
 FRAME_KEYS = ("v", "id", "station", "ts", "seq", "image", "meta")
 
-MAX_IMAGE_BYTES = int(os.environ.get("VQ_MAX_IMAGE_BYTES", 16 * 1024 * 1024))
-MAX_PIXELS = int(os.environ.get("VQ_MAX_PIXELS", 40_000_000))
+MAX_IMAGE_BYTES = env_int(os.environ, "VQ_MAX_IMAGE_BYTES", 16 * 1024 * 1024, 1024, 1024**3)
+MAX_PIXELS = env_int(os.environ, "VQ_MAX_PIXELS", 40_000_000, 64, 10**9)
 MAX_STATION_LEN = 128
+MAX_META_KEYS = 64
+MAX_DEADLINE_S = 86_400.0
+MAX_TS = 4_102_444_800.0  # 2100-01-01: a capture time past this is a unit mistake (ms, ns), not a clock
+# The id is the RQ job id: RQ joins it with ':' into execution keys, so ':' and spaces are out.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,25 +73,36 @@ def make_frame(
 
 
 def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
-    """Check the shape of a frame message; FrameError naming the first thing wrong."""
+    """Check the type and range of every field of a frame message; FrameError naming the first thing wrong."""
     if not isinstance(frame, dict):
         raise FrameError(f"frame must be a map, got {type(frame).__name__}")
     missing = [k for k in FRAME_KEYS if k not in frame and k != "meta"]
     if missing:
         raise FrameError(f"frame is missing {', '.join(missing)}")
-    if frame["v"] != FRAME_VERSION:
-        raise FrameError(f"frame version {frame['v']!r} is not supported (this worker reads v{FRAME_VERSION})")
-    if not isinstance(frame["id"], str) or not frame["id"]:
-        raise FrameError("frame id must be a non-empty string")
-    if not isinstance(frame["station"], str) or not 0 < len(frame["station"]) <= MAX_STATION_LEN:
-        raise FrameError(f"station must be a string of 1..{MAX_STATION_LEN} characters")
-    if not isinstance(frame["ts"], int | float) or isinstance(frame["ts"], bool):
-        raise FrameError("ts must be unix seconds (a number)")
-    if not isinstance(frame["seq"], int) or isinstance(frame["seq"], bool):
-        raise FrameError("seq must be an integer")
+    unknown = [str(k)[:32] for k in frame if k not in FRAME_KEYS]
+    if unknown:
+        raise FrameError(f"frame has unknown fields: {', '.join(sorted(unknown)[:5])}")
+    if type(frame["v"]) is not int or frame["v"] != FRAME_VERSION:
+        raise FrameError(f"frame version {_show(frame['v'])} is not supported (this worker reads v{FRAME_VERSION})")
+    if not isinstance(frame["id"], str) or not _ID_RE.fullmatch(frame["id"]):
+        raise FrameError(f"frame id {_show(frame['id'])} is not 1..128 letters, digits, '.', '_' or '-'")
+    station = frame["station"]
+    if not isinstance(station, str) or not 0 < len(station) <= MAX_STATION_LEN or not station.isprintable():
+        raise FrameError(f"station {_show(station)} is not a printable string of 1..{MAX_STATION_LEN} characters")
+    _check_number("ts", frame["ts"], 0.0, MAX_TS, "unix seconds")
+    seq = frame["seq"]
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise FrameError(f"seq {_show(seq)} is not an integer in [0, 2^63)")
     meta = frame.get("meta")
-    if meta is not None and not isinstance(meta, dict):
-        raise FrameError("meta must be a map")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise FrameError(f"meta must be a map, got {type(meta).__name__}")
+        if len(meta) > MAX_META_KEYS:
+            raise FrameError(f"meta has {len(meta)} keys, over the limit of {MAX_META_KEYS}")
+        if not all(isinstance(k, str | int) for k in meta):
+            raise FrameError("meta keys must be strings or integers")
+        if meta.get("deadline_s") is not None:
+            _check_number("meta.deadline_s", meta["deadline_s"], 0.0, MAX_DEADLINE_S, "seconds", positive=True)
     image = frame["image"]
     if not isinstance(image, bytes | bytearray):
         raise FrameError(f"image must be bytes, got {type(image).__name__}")
@@ -96,13 +116,27 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
     return frame
 
 
+def _check_number(name: str, value: Any, lo: float, hi: float, unit: str, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FrameError(f"{name} must be a number ({unit}), got {_show(value)}")
+    if not math.isfinite(value) or not lo <= value <= hi or (positive and value <= 0):
+        bound = f"({lo:g}, {hi:g}]" if positive else f"[{lo:g}, {hi:g}]"
+        raise FrameError(f"{name}={value!r} is not a finite number in {bound} {unit}")
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a bad value for an error message."""
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    size = f" of length {len(value)}" if hasattr(value, "__len__") else ""
+    return f"{text[:37]}... ({type(value).__name__}{size})"
+
+
 def frame_deadline(frame: dict[str, Any]) -> float | None:
     """The unix time after which the frame is stale, if its producer set `meta.deadline_s`."""
-    meta = frame.get("meta") or {}
-    deadline_s = meta.get("deadline_s")
-    if deadline_s is None:
-        return None
-    return float(frame["ts"]) + float(deadline_s)
+    deadline_s = (frame.get("meta") or {}).get("deadline_s")
+    return None if deadline_s is None else frame["ts"] + deadline_s
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -1,22 +1,25 @@
 """Hot swap: follow the registry's `current` pointer and prepare the next model off the hot path.
 
 A watcher thread wakes on the registry's pub/sub notification (or, as a fallback, every
-VQ_SWAP_POLL_S seconds), fetches, verifies, loads and warms the new version, then hands it over.
-The BatchWorker swaps engines between batches, so no frame is dropped and every result is stamped
-with the version that made it. A version that fails to load or verify is refused, logged and
-counted; the worker keeps serving the one it has and does not retry the refused version.
+VQ_SWAP_POLL_S seconds), fetches, verifies, loads and warms the new version, and holds it ready.
+The BatchWorker takes it between batches (and while idle, between dequeue polls), so no frame is
+dropped and every result is stamped with the version that made it.
+
+The watcher owns the swap state: the version in service, the one prepared and not yet taken, and
+the versions refused. A version that fails to load or verify is refused, logged and counted, and
+not tried again; one that could not be fetched because Redis was away is tried again.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import structlog
 from redis import Redis
 
 from .metrics import WorkerMetrics
 from .model_source import load_engine
+from .redis_health import is_transient
 from .registry import ModelRegistry
 from .runtime import InferenceEngine
 from .settings import Settings
@@ -25,15 +28,15 @@ log = structlog.get_logger("visionqueue.hot_swap")
 
 
 class ModelWatcher:
-    def __init__(self, settings: Settings, connection: Redis, serving: Callable[[], str],
-                 on_ready: Callable[[InferenceEngine], None], metrics: WorkerMetrics) -> None:
+    def __init__(self, settings: Settings, connection: Redis, serving: str, metrics: WorkerMetrics) -> None:
         self.settings = settings
         self.registry = ModelRegistry(connection)
         self.connection = connection
         self.serving = serving
-        self.on_ready = on_ready
         self.metrics = metrics
         self.refused: set[str] = set()
+        self._prepared: InferenceEngine | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vq-model-watch", daemon=True)
 
@@ -43,36 +46,63 @@ class ModelWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        engine = self.take()
+        if engine is not None:
+            engine.close()
+
+    @property
+    def prepared(self) -> str | None:
+        engine = self._prepared
+        return engine.version if engine is not None else None
+
+    def take(self) -> InferenceEngine | None:
+        """The prepared engine, once: from now on it is the one in service."""
+        with self._lock:
+            engine, self._prepared = self._prepared, None
+            if engine is not None:
+                self.serving = engine.version
+        return engine
 
     def _run(self) -> None:
-        pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(self.registry.events_channel)
-        except Exception:
-            log.exception("cannot subscribe to model notifications; polling only")
+        pubsub = None
         while not self._stop.is_set():
             try:
+                if pubsub is None:
+                    pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.registry.events_channel)
                 # Returns on a notification, else after the poll interval: either way, check.
                 pubsub.get_message(timeout=self.settings.swap_poll_s)
                 self.check()
-            except Exception:
-                log.exception("model watch failed; retrying")
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("model watch failed; retrying")
+                if pubsub is not None:
+                    pubsub.close()
+                pubsub = None  # resubscribe: a restarted Redis forgot the subscription
                 self._stop.wait(self.settings.swap_poll_s)
-        pubsub.close()
+        if pubsub is not None:
+            pubsub.close()
 
     def check(self) -> InferenceEngine | None:
-        """Load the registry's current version if it is new; hand it over. The engine, or None."""
+        """Prepare the registry's current version if it is neither served, prepared nor refused."""
         current = self.registry.current()
-        if current is None or current == self.serving() or current in self.refused:
+        if current is None or current in (self.serving, self.prepared) or current in self.refused:
             return None
-        log.info("new model version promoted; preparing it", version=current, serving=self.serving())
+        log.info("new model version promoted; preparing it", version=current, serving=self.serving)
         try:
             engine = load_engine(self.settings, self.connection, version=current)
         except Exception as exc:
+            if is_transient(exc) or (exc.__cause__ is not None and is_transient(exc.__cause__)):
+                log.warning("could not fetch the new model; will try again", version=current,
+                            error=f"{type(exc).__name__}: {exc}")
+                return None
             self.refused.add(current)
             self.metrics.model_swaps.labels(outcome="refused").inc()
-            log.error("model refused; keeping the one in service", version=current, serving=self.serving(),
+            log.error("model refused; keeping the one in service", version=current, serving=self.serving,
                       error=f"{type(exc).__name__}: {exc}")
             return None
-        self.on_ready(engine)
+        with self._lock:
+            stale, self._prepared = self._prepared, engine
+        if stale is not None:  # promoted and superseded before the worker took it
+            stale.close()
         return engine

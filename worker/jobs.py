@@ -20,13 +20,17 @@ which is, in plain RQ terms:
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 from redis import Redis
 from rq import Queue, Retry
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.utils import now, parse_timeout, str_to_date
 
+from .frames import MAX_IMAGE_BYTES
 from .serializer import MsgpackSerializer
 
 QUEUE_NAME = "inference"
@@ -35,15 +39,104 @@ RESULTS_STREAM = "inference:results"
 
 RESULT_TTL = 600  # seconds a result stays readable through the job
 FAILURE_TTL = 3600  # a failed frame keeps its payload this long (RQ's default is a year)
-RETRIES = 3  # re-runs after a worker died mid-batch; a bad frame is never retried
+RETRIES = 3  # re-runs after the model itself failed on a batch; a bad frame is never retried
+
+# Job hash fields that make RQ run code or touch the outside world when a job ends or is cleaned
+# up: callbacks are imported and called, webhooks are sent, dependents enqueued, repeats re-enqueued.
+# A frame needs none of them, so a job that carries one is refused and they are never restored.
+FORBIDDEN_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name", "webhooks",
+                    "dependency_ids", "dependency_id", "repeats_left", "repeat_intervals")
+# Size bounds, checked before a job hash is fetched (see rq_internals.fetch_job_hashes).
+MAX_DATA_BYTES = MAX_IMAGE_BYTES + 64 * 1024  # the image plus the frame's small fields
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 64
 
 
 class FrameJob(Job):
-    """An RQ Job that skips zlib on the job data.
+    """An RQ Job that skips zlib on the job data and restores a job hash without trusting it.
 
     Frames are JPEG/PNG: already compressed. RQ's `to_dict` zlib-compresses the data on every
-    save, which dominates enqueue time; `Job.restore` reads uncompressed data as it is.
+    save, which dominates enqueue time. RQ's `restore` inflates data and `exc_info` with no limit,
+    raises on a malformed field (which stops a worker inside its dequeue) and restores callbacks,
+    webhooks and dependents. Here nothing in the hash can raise, allocate without bound or run
+    code: a problem is recorded in `defects` (and `forbidden`), and the worker fails that job alone.
     """
+
+    defects: list[str]
+    forbidden: list[str]
+
+    def restore(self, raw_data: Any) -> None:
+        obj: dict[str, bytes] = {}
+        self.defects, self.forbidden = [], []
+        for key, value in raw_data.items():
+            try:
+                obj[key.decode() if isinstance(key, bytes) else str(key)] = value
+            except UnicodeDecodeError:
+                self.defects.append("the job hash has a field name that is not UTF-8")
+        self.forbidden = [name for name in FORBIDDEN_FIELDS if obj.get(name)]
+        self.data = self._restore_data(obj.get("data"))
+        self.created_at = self._field(obj, "created_at", str_to_date, now())
+        self.enqueued_at = self._field(obj, "enqueued_at", str_to_date, None)
+        self.started_at = self._field(obj, "started_at", str_to_date, None)
+        self.ended_at = self._field(obj, "ended_at", str_to_date, None)
+        self.last_heartbeat = self._field(obj, "last_heartbeat", str_to_date, None)
+        self.origin = self._field(obj, "origin", _text, "")
+        self.worker_name = self._field(obj, "worker_name", _text, None)
+        self.description = self._field(obj, "description", _text, None)
+        self.group_id = None
+        self._status = self._field(obj, "status", lambda v: JobStatus(_text(v)), JobStatus.CREATED)
+        self.timeout = self._field(obj, "timeout", lambda v: _positive(parse_timeout(_text(v))), None)
+        self.result_ttl = self._field(obj, "result_ttl", _int, None)
+        self.failure_ttl = self._field(obj, "failure_ttl", _int, None)
+        self.ttl = self._field(obj, "ttl", _int, None)
+        self.number_of_retries = self._field(obj, "number_of_retries", _int, None)
+        self.retries_left = self._field(obj, "retries_left", _int, None)
+        self.retry_intervals = self._field(obj, "retry_intervals", _int_list, None)
+        self.enqueue_at_front_on_retry = self._field(obj, "enqueue_at_front_on_retry", lambda v: bool(_int(v)), False)
+        self.enqueue_at_front = self._field(obj, "enqueue_at_front", lambda v: bool(_int(v)), None)
+        self.allow_dependency_failures = None
+        self.rescues = self._field(obj, "vq_rescues", _int, 0)
+        # Never restored, whatever the hash says (see FORBIDDEN_FIELDS).
+        self._success_callback_name = self._failure_callback_name = self._stopped_callback_name = None
+        self.webhooks = []
+        self._dependency_ids = []
+        self.repeats_left = self.repeat_intervals = None
+        self.rate_limit_key = self.rate_limit_concurrency = None
+        self._unreadable_meta = None
+        self.meta = self._field(obj, "meta", self._meta, {})
+        self._exc_info = _inflate(obj["exc_info"], MAX_FIELD_BYTES, truncate=True).decode(errors="replace") \
+            if obj.get("exc_info") else None
+
+    def _field(self, obj: dict[str, bytes], name: str, parse: Any, default: Any) -> Any:
+        raw = obj.get(name)
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except Exception:
+            self.defects.append(f"job hash field {name}={raw[:40]!r} cannot be read")
+            return default
+
+    def _restore_data(self, raw: bytes | None) -> bytes:
+        if raw is None:
+            self.defects.append("the job hash has no data")
+            return b""
+        if len(raw) > MAX_DATA_BYTES:
+            self.defects.append(f"job data is {len(raw)} bytes, over the limit of {MAX_DATA_BYTES}")
+            return b""
+        if raw[:1] == b"\x78":  # a zlib header: RQ's own Queue compresses; msgpack data never starts so
+            try:
+                return _inflate(raw, MAX_DATA_BYTES)
+            except ValueError as exc:
+                self.defects.append(f"job data {exc}")
+                return b""
+        return raw
+
+    def _meta(self, raw: bytes) -> dict:
+        meta = self.serializer.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("meta is not a map")
+        return meta
 
     def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict:
         data = self.data
@@ -54,6 +147,39 @@ class FrameJob(Job):
             self._data = data
         obj["data"] = data
         return obj
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode()
+
+
+def _int(raw: bytes) -> int:
+    return int(raw)
+
+
+def _positive(value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise ValueError("not positive")
+    return value
+
+
+def _int_list(raw: bytes) -> list[int]:
+    values = json.loads(raw)
+    if not isinstance(values, list) or len(values) > 100 or not all(type(v) is int for v in values):
+        raise ValueError("not a short list of integers")
+    return values
+
+
+def _inflate(raw: bytes, limit: int, truncate: bool = False) -> bytes:
+    """zlib-inflate at most `limit` bytes: a 200 KB bomb never becomes 200 MB in this process."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(raw, limit)
+    except zlib.error:
+        return raw  # stored uncompressed, as RQ allows
+    if inflater.unconsumed_tail and not truncate:
+        raise ValueError(f"inflates past the limit of {limit} bytes")
+    return out
 
 
 class FrameQueue(Queue):

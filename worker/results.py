@@ -6,8 +6,6 @@ import json
 import time
 from typing import Any
 
-from .frames import FrameError
-
 
 def build_result(
     frame: dict[str, Any],
@@ -66,10 +64,3 @@ def failure_fields(job_id: str, station: str, error: str, model_version: str) ->
         "error": error,
         "model_version": model_version,
     }
-
-
-def error_text(exc: BaseException) -> str:
-    """`FrameError: …` for bad input; the class name keeps its kind visible in RQ's failed registry."""
-    name = "FrameError" if isinstance(exc, FrameError) else type(exc).__name__
-    return f"{name}: {exc}"
-

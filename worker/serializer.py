@@ -6,6 +6,14 @@ from typing import Any
 
 import msgpack
 
+from .frames import MAX_IMAGE_BYTES
+
+# Bounds checked while unpacking, before anything is allocated: a frame holds one image of at most
+# VQ_MAX_IMAGE_BYTES and a handful of short fields, a result a few dozen. Nothing we write comes
+# near these; a crafted message that declares a huge container fails at once.
+MAX_STR = 1024 * 1024
+MAX_CONTAINER = 4096
+
 
 class MsgpackSerializer:
     """An RQ serializer (`dumps`/`loads`) over msgpack.
@@ -20,4 +28,6 @@ class MsgpackSerializer:
 
     @staticmethod
     def loads(data: bytes) -> Any:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=MAX_IMAGE_BYTES,
+                               max_str_len=MAX_STR, max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER,
+                               max_ext_len=0)

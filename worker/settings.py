@@ -21,6 +21,8 @@ A bad value stops the worker at start with a message naming the variable.
 | VQ_RESULTS_MAXLEN | 100000 | approximate length bound of the `inference:results` stream |
 | VQ_METRICS_PORT | 0 | Prometheus metrics port; 0 disables |
 | VQ_SWAP_POLL_S | 1.0 | how often to check the registry's current pointer (notification is immediate) |
+| VQ_REDIS_OUTAGE_S | 120 | how long the worker rides through a Redis outage (batches kept) before it exits non-zero |
+| VQ_MAX_RESCUES | 3 | a frame taken back from dead workers more often than this fails as poison |
 | VQ_LOG_FORMAT | auto | json, console or auto (json when stderr is not a terminal) |
 | VQ_LOG_LEVEL | info | debug, info, warning, error |
 
@@ -91,6 +93,8 @@ class Settings:
     results_maxlen: int = 100_000
     metrics_port: int = 0
     swap_poll_s: float = 1.0
+    redis_outage_s: float = 120.0
+    max_rescues: int = 3
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -117,6 +121,8 @@ class Settings:
             results_maxlen=env_int(env, "VQ_RESULTS_MAXLEN", 100_000, 0, 100_000_000),
             metrics_port=env_int(env, "VQ_METRICS_PORT", 0, 0, 65535),
             swap_poll_s=env_float(env, "VQ_SWAP_POLL_S", 1.0, 0.05, 3600.0),
+            redis_outage_s=env_float(env, "VQ_REDIS_OUTAGE_S", 120.0, 1.0, 86_400.0),
+            max_rescues=env_int(env, "VQ_MAX_RESCUES", 3, 1, 100),
             log_format=env_choice(env, "VQ_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=env_choice(env, "VQ_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

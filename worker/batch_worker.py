@@ -242,10 +242,9 @@ class BatchWorker(SimpleWorker):
         self.last_cleaned_at = rq.now()
 
     def _count_recovery(self, counts: dict[str, int]) -> None:
-        if counts.get("requeued"):
-            self.metrics.frames.labels(outcome="rescued").inc(counts["requeued"])
-        if counts.get("poison"):
-            self.metrics.frames.labels(outcome="poison").inc(counts["poison"])
+        for action, n in counts.items():
+            if action in ("requeued", "poison", "rejected"):
+                self.metrics.frames.labels(outcome="rescued" if action == "requeued" else action).inc(n)
 
     # -- the batch ----------------------------------------------------------------------------
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:

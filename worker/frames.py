@@ -23,6 +23,7 @@ MAX_IMAGE_BYTES = env_int(os.environ, "VQ_MAX_IMAGE_BYTES", 16 * 1024 * 1024, 10
 MAX_PIXELS = env_int(os.environ, "VQ_MAX_PIXELS", 40_000_000, 64, 10**9)
 MAX_STATION_LEN = 128
 MAX_META_KEYS = 64
+MAX_META_DEPTH = 8
 MAX_DEADLINE_S = 86_400.0
 MAX_TS = 4_102_444_800.0  # 2100-01-01: a capture time past this is a unit mistake (ms, ns), not a clock
 # The id is the RQ job id: RQ joins it with ':' into execution keys, so ':' and spaces are out.
@@ -101,6 +102,8 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
             raise FrameError(f"meta has {len(meta)} keys, over the limit of {MAX_META_KEYS}")
         if not all(isinstance(k, str | int) for k in meta):
             raise FrameError("meta keys must be strings or integers")
+        if _depth(meta) > MAX_META_DEPTH:
+            raise FrameError(f"meta is nested more than {MAX_META_DEPTH} levels deep")
         if meta.get("deadline_s") is not None:
             _check_number("meta.deadline_s", meta["deadline_s"], 0.0, MAX_DEADLINE_S, "seconds", positive=True)
     image = frame["image"]
@@ -114,6 +117,14 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
         )
     image_format(image)
     return frame
+
+
+def _depth(value: Any, limit: int = MAX_META_DEPTH + 1) -> int:
+    """Nesting depth of maps and lists, counted no further than `limit`."""
+    if limit <= 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
 
 
 def _check_number(name: str, value: Any, lo: float, hi: float, unit: str, positive: bool = False) -> None:

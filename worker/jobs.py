@@ -44,8 +44,11 @@ RETRIES = 3  # re-runs after the model itself failed on a batch; a bad frame is 
 # Job hash fields that make RQ run code or touch the outside world when a job ends or is cleaned
 # up: callbacks are imported and called, webhooks are sent, dependents enqueued, repeats re-enqueued.
 # A frame needs none of them, so a job that carries one is refused and they are never restored.
+# Rate limits are RQ machinery frames do not use; "dependents" stands for the separate
+# `rq:job:<id>:dependents` set, which rq_internals.fetch_jobs reports as if it were a field.
 FORBIDDEN_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name", "webhooks",
-                    "dependency_ids", "dependency_id", "repeats_left", "repeat_intervals")
+                    "dependency_ids", "dependency_id", "repeats_left", "repeat_intervals", "rate_limit_key",
+                    "rate_limit_concurrency", "dependents")
 # Size bounds, checked before a job hash is fetched (see rq_internals.fetch_job_hashes).
 MAX_DATA_BYTES = MAX_IMAGE_BYTES + 64 * 1024  # the image plus the frame's small fields
 MAX_FIELD_BYTES = 64 * 1024

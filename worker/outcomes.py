@@ -90,7 +90,9 @@ def _judge(job: FrameJob, wall: float) -> dict[str, Any] | Failure:
         func_name = job.func_name
         args, kwargs = job.args, job.kwargs
     except Exception as exc:
-        return Failure(FailureKind.BAD_INPUT, f"job data is not a msgpack frame job: {str(exc)[:200]}")
+        cause = exc.__cause__ or exc  # RQ's DeserializationError carries no text of its own
+        return Failure(FailureKind.BAD_INPUT, f"job data is not a msgpack frame job within the size limits: "
+                                              f"{type(cause).__name__}: {str(cause)[:200]}")
     if func_name != JOB_FUNC:
         return Failure(FailureKind.REJECTED, f"function {str(func_name)[:100]!r} is not allowed on this queue "
                                              f"(only {JOB_FUNC})")

@@ -53,6 +53,8 @@ def recover_abandoned(conn: Redis, queue: Queue, max_rescues: int, worker_name: 
 def _requeue_or_fail(conn: Redis, queue: Queue, job: FrameJob, execution_id: str, max_rescues: int,
                      worker_name: str) -> str:
     failure = poison(job.rescues) if job.rescues >= max_rescues else None
+    if job.forbidden:  # planted after the claim: refused here as anywhere else, never run
+        failure = Failure(FailureKind.REJECTED, f"job carries {', '.join(job.forbidden)}, which frames may not")
 
     def write(pipe: Any) -> None:
         rq.drop_lease(pipe, queue, job.id, execution_id)
@@ -67,8 +69,8 @@ def _requeue_or_fail(conn: Redis, queue: Queue, job: FrameJob, execution_id: str
     if failure is None:
         log.warning("frame taken back from a dead worker", job_id=job.id, rescues=job.rescues + 1)
         return "requeued"
-    log.error("frame failed as poison", job_id=job.id, reason=failure.reason)
-    return "poison"
+    log.error("abandoned frame failed", job_id=job.id, reason=failure.text)
+    return failure.kind.value
 
 
 class IntermediateWatch:
@@ -86,8 +88,8 @@ class IntermediateWatch:
         first_seen = dict(zip(new, ((at, n) for n in rq.rescue_counts(conn, new)), strict=True))
         self._seen = {i: self._seen.get(i) or first_seen[i] for i in ids}
         for job_id, (seen_at, rescues) in list(self._seen.items()):
-            if at - seen_at < self.stale_after:
-                continue
+            if job_id in first_seen or at - seen_at < self.stale_after:
+                continue  # never on first sight: it may be being claimed right now
             del self._seen[job_id]
             done = rq.rescue_from_intermediate(conn, queue, job_id, rescues, max_rescues)
             if done == 1:

@@ -39,6 +39,11 @@ def is_transient(exc: BaseException) -> bool:
         return False  # a wrong credential does not heal by waiting
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
         return True  # includes BusyLoadingError (LOADING) and socket timeouts during CLIENT PAUSE
+    # redis-py maps these replies to their own classes and strips the prefix from the message
+    # ("READONLY You can't write…" becomes ReadOnlyError("You can't write…")): check the class first.
+    if isinstance(exc, rex.ReadOnlyError | rex.OutOfMemoryError | rex.MasterDownError | rex.TryAgainError
+                  | rex.ClusterDownError):
+        return True
     if isinstance(exc, rex.ResponseError):
         text = str(exc)
         # A pipeline's error is annotated "Command # 3 (…) of pipeline caused error: OOM …".

@@ -66,6 +66,10 @@ for i, key in ipairs(KEYS) do
         end
         if bad then break end
       end
+      if not bad and redis.call('EXISTS', key .. ':dependents') == 1 then
+        table.insert(flat, 'dependents')
+        table.insert(flat, '1')
+      end
       out[i] = bad or flat
     end
   end
@@ -168,7 +172,7 @@ def claim(pipe: Pipeline, queue: Queue, job: FrameJob, execution: Execution, ttl
     pipe.expire(execution.worker_executions_key, ttl + 60)
     job.prepare_for_execution(execution.worker_name, pipe)
     pipe.hdel(job.key, *FORBIDDEN_FIELDS)
-    pipe.delete(job.dependents_key)
+    pipe.delete(job.dependents_key)  # RQ would enqueue what it names when the job ends
     pipe.persist(job.key)
     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
 
@@ -225,6 +229,8 @@ def record_failure(pipe: Pipeline, job: FrameJob, execution: Execution | None, r
                    ended: datetime) -> None:
     job._status = JobStatus.FAILED
     job.ended_at = ended
+    pipe.hdel(job.key, *FORBIDDEN_FIELDS)  # nothing that reads the failed job later may run them
+    pipe.delete(job.dependents_key)
     job._handle_failure(reason, pipe, worker_name=worker_name, execution_id=execution.id if execution else None,
                         execution_started_at=execution.created_at if execution else None,
                         execution_ended_at=ended)

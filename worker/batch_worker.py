@@ -502,7 +502,6 @@ class BatchWorker(SimpleWorker):
             states = rq.read_states(self.connection, [t.job for t in tasks])
             recorded.clear()
             ended = rq.now()
-            maxlen = self.settings.results_maxlen or None
             for task, (status, holder) in zip(tasks, states, strict=True):
                 if status in rq.TERMINAL:
                     # Written by another run of the frame, or by this batch before a connection broke.
@@ -511,13 +510,19 @@ class BatchWorker(SimpleWorker):
                     continue
                 kind = self._record(pipe, batch, task, ended)
                 recorded[kind] = recorded.get(kind, 0) + 1
-                pipe.xadd(RESULTS_STREAM, self._stream_entry(batch, task), maxlen=maxlen, approximate=True)
+                pipe.xadd(RESULTS_STREAM, self._stream_entry(batch, task))
             failed = sum(n for k, n in recorded.items() if k not in ("ok", "retried", "duplicate"))
             rq.worker_counts(pipe, self.key, recorded.get("ok", 0), failed,
                              (time.time() - batch.claimed_at) * len(tasks))
+            if self.settings.results_maxlen:
+                # The stream is a bounded live tail (the job's result is the record): trimmed once a
+                # batch, last, and what is trimmed is counted. `~` trims whole nodes: cheap.
+                pipe.xtrim(RESULTS_STREAM, maxlen=self.settings.results_maxlen, approximate=True)
 
-        while not rq.transaction(self.connection, [t.job.key for t in tasks], write):
+        while (replies := rq.transaction(self.connection, [t.job.key for t in tasks], write)) is None:
             batch.record_attempts += 1  # a frame changed under us (another run of it): look again
+        if self.settings.results_maxlen and replies:
+            self.metrics.results_trimmed.inc(replies[-1])
         for outcome, n in recorded.items():
             self.metrics.frames.labels(outcome=outcome).inc(n)
         for task in tasks:

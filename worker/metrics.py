@@ -26,6 +26,8 @@ class WorkerMetrics:
         self.model_info = Gauge("vq_model_info", "The model version served (value 1)", ["version", "precision"],
                                 registry=r)
         self.model_swaps = Counter("vq_model_swaps_total", "Model changes, by outcome", ["outcome"], registry=r)
+        self.results_trimmed = Counter("vq_results_trimmed_total",
+                                       "Entries trimmed off the bounded inference:results stream", registry=r)
         self.redis_up = Gauge("vq_redis_up", "1 while Redis answers, 0 during an outage", registry=r)
         self.redis_up.set(1)
         self.samples = Counter("vq_samples_total", "Frames offered to the learning loop, by outcome", ["outcome"],

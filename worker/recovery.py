@@ -44,8 +44,8 @@ def recover_abandoned(conn: Redis, queue: Queue, max_rescues: int, worker_name: 
                 and not rq.live_executions(conn, job_id) - {execution_id}:
             action = _requeue_or_fail(conn, queue, job, execution_id, max_rescues, worker_name)
         else:  # gone, unreadable, finished, or already running again elsewhere: only the lease is stale
-            action = "stale" if rq.transaction(
-                conn, [], lambda pipe, j=job_id, e=execution_id: rq.drop_lease(pipe, queue, j, e)) else "raced"
+            rq.transaction(conn, [], lambda pipe, j=job_id, e=execution_id: rq.drop_lease(pipe, queue, j, e))
+            action = "stale"
         counts[action] += 1
     return counts
 
@@ -64,7 +64,7 @@ def _requeue_or_fail(conn: Redis, queue: Queue, job: FrameJob, execution_id: str
         else:
             rq.record_failure(pipe, job, None, failure.text, worker_name, rq.now())
 
-    if not rq.transaction(conn, [job.key], write):
+    if rq.transaction(conn, [job.key], write) is None:
         return "raced"
     if failure is None:
         log.warning("frame taken back from a dead worker", job_id=job.id, rescues=job.rescues + 1)
@@ -110,7 +110,7 @@ class IntermediateWatch:
             rq.forget_ids(pipe, queue, [job_id])
             rq.record_failure(pipe, job, None, failure.text, worker_name, rq.now())
 
-        if rq.transaction(conn, [job.key, queue.intermediate_queue_key], write):
+        if rq.transaction(conn, [job.key, queue.intermediate_queue_key], write) is not None:
             log.error("frame failed as poison", job_id=job_id, reason=failure.reason)
             return True
         return False

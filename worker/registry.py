@@ -33,8 +33,26 @@ PREFIX = "vq:models"
 DEFAULT_KEEP = int(os.environ.get("VQ_REGISTRY_KEEP", 5))
 
 
+# The float weights are stored zlib-compressed; inflated in chunks straight to disk, never past this.
+MAX_FLOAT_BYTES = 8 * 1024**3
+
+
 class RegistryError(RuntimeError):
     pass
+
+
+def _inflate_to(blob: bytes, path: Path, version: str, chunk: int = 64 * 1024**2) -> None:
+    inflater = zlib.decompressobj()
+    written = 0
+    with path.open("wb") as out:
+        data = inflater.decompress(blob, chunk)
+        while data:
+            written += len(data)
+            if written > MAX_FLOAT_BYTES:
+                raise ArtifactError(f"registry entry for {version}: float weights inflate past {MAX_FLOAT_BYTES} bytes")
+            out.write(data)
+            data = inflater.decompress(inflater.unconsumed_tail, chunk)
+        out.write(inflater.flush())
 
 
 class ModelRegistry:
@@ -173,14 +191,14 @@ class ModelRegistry:
         tmp.mkdir(parents=True)
         try:
             for name in names:
-                if name == FLOAT_FILE:
-                    blob = self.conn.get(self._vkey(version, "float"))
-                    data = zlib.decompress(blob) if blob is not None else None
-                else:
-                    data = self.conn.get(self._vkey(version, f"file:{name}"))
+                compressed = name == FLOAT_FILE
+                data = self.conn.get(self._vkey(version, "float" if compressed else f"file:{name}"))
                 if data is None:
                     raise ArtifactError(f"registry entry for {version} is missing {name}")
-                (tmp / name).write_bytes(data)
+                if compressed:
+                    _inflate_to(data, tmp / name, version)
+                else:
+                    (tmp / name).write_bytes(data)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             verify_files(tmp, manifest, names)
             shutil.rmtree(target, ignore_errors=True)

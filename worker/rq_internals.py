@@ -196,17 +196,20 @@ def read_states(conn: Redis, jobs: list[FrameJob]) -> list[tuple[str | None, str
         return [(as_text(s) if s else None, as_text(w) if w else None) for s, w in pipe.execute()]
 
 
-def transaction(conn: Redis, watch: list[str], write: Any) -> bool:
-    """Run `write(pipe)` in MULTI/EXEC, only if none of `watch` changed since `write` looked; False if one did."""
+def transaction(conn: Redis, watch: list[str], write: Any) -> list[Any] | None:
+    """Run `write(pipe)` in MULTI/EXEC, only if none of `watch` changed since `write` looked.
+
+    The replies, or None when one of `watch` changed (look again and retry).
+    """
     with conn.pipeline() as pipe:
         try:
-            pipe.watch(*watch)
+            if watch:
+                pipe.watch(*watch)
             pipe.multi()
             write(pipe)
-            pipe.execute()
+            return pipe.execute()
         except WatchError:
-            return False
-    return True
+            return None
 
 
 def record_success(pipe: Pipeline, job: FrameJob, execution: Execution | None, result: dict[str, Any],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import queue as stdqueue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -220,7 +221,13 @@ class BatchWorker(SimpleWorker):
 
     # -- maintenance --------------------------------------------------------------------------
     def run_maintenance_tasks(self) -> None:
-        self._quietly(self._maintain)
+        try:
+            self._quietly(self._maintain)
+        except Exception:
+            # Recovery is a sweep that the next interval repeats: a bug or an odd key in it must not
+            # take the worker (and the frames it is serving) down.
+            log.exception("maintenance failed; will try again")
+            self.last_cleaned_at = rq.now()
 
     def _maintain(self) -> None:
         super().run_maintenance_tasks()
@@ -496,7 +503,7 @@ class BatchWorker(SimpleWorker):
         """
         batch.record_attempts += 1
         tasks = batch.tasks
-        recorded: dict[str, int] = {}
+        recorded: Counter[str] = Counter()
 
         def write(pipe: Any) -> None:
             states = rq.read_states(self.connection, [t.job for t in tasks])
@@ -505,14 +512,11 @@ class BatchWorker(SimpleWorker):
             for task, (status, holder) in zip(tasks, states, strict=True):
                 if status in rq.TERMINAL:
                     # Written by another run of the frame, or by this batch before a connection broke.
-                    own = batch.record_attempts > 1 and holder == self.name
-                    recorded["ok" if own else "duplicate"] = recorded.get("ok" if own else "duplicate", 0) + 1
+                    recorded["ok" if batch.record_attempts > 1 and holder == self.name else "duplicate"] += 1
                     continue
-                kind = self._record(pipe, batch, task, ended)
-                recorded[kind] = recorded.get(kind, 0) + 1
+                recorded[self._record(pipe, batch, task, ended)] += 1
                 pipe.xadd(RESULTS_STREAM, self._stream_entry(batch, task))
-            failed = sum(n for k, n in recorded.items() if k not in ("ok", "retried", "duplicate"))
-            rq.worker_counts(pipe, self.key, recorded.get("ok", 0), failed,
+            rq.worker_counts(pipe, self.key, recorded["ok"], _failures(recorded),
                              (time.time() - batch.claimed_at) * len(tasks))
             if self.settings.results_maxlen:
                 # The stream is a bounded live tail (the job's result is the record): trimmed once a
@@ -521,15 +525,15 @@ class BatchWorker(SimpleWorker):
 
         while (replies := rq.transaction(self.connection, [t.job.key for t in tasks], write)) is None:
             batch.record_attempts += 1  # a frame changed under us (another run of it): look again
-        if self.settings.results_maxlen and replies:
+        if self.settings.results_maxlen:
             self.metrics.results_trimmed.inc(replies[-1])
         for outcome, n in recorded.items():
             self.metrics.frames.labels(outcome=outcome).inc(n)
         for task in tasks:
             if isinstance(task.outcome, Success):
                 self.metrics.end_to_end.observe(task.outcome.result["timings"]["end_to_end_ms"] / 1000.0)
-        self.successful_job_count += recorded.get("ok", 0)
-        self.failed_job_count += sum(n for k, n in recorded.items() if k not in ("ok", "retried", "duplicate"))
+        self.successful_job_count += recorded["ok"]
+        self.failed_job_count += _failures(recorded)
         log.debug("batch done", size=len(tasks), version=batch.engine.version, **recorded)
 
     def _record(self, pipe: Any, batch: Batch, task: FrameTask, ended: Any) -> str:
@@ -571,6 +575,11 @@ class BatchWorker(SimpleWorker):
                     rq.keep_alive(pipe, task.job, task.execution, self.settings.heartbeat_ttl)
             self.heartbeat(pipeline=pipe)
             pipe.execute()
+
+
+def _failures(recorded: Counter[str]) -> int:
+    """What RQ counts as failed: every terminal failure (not a retry, not a duplicate)."""
+    return sum(n for kind, n in recorded.items() if kind not in ("ok", "retried", "duplicate"))
 
 
 def _connection_of(queues: Any) -> Redis:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+# worker/outcomes.py explains each; "rescued" counts frames taken back from dead workers.
+FRAME_OUTCOMES = ("ok", "failed", "expired", "rejected", "poison", "error", "retried", "duplicate", "rescued")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 
 
@@ -14,6 +16,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter("vq_frames_total", "Frames handled, by outcome", ["outcome"], registry=r)
+        for outcome in FRAME_OUTCOMES:  # present from the start: absent and zero read differently
+            self.frames.labels(outcome=outcome)
         self.batch_size = Histogram("vq_batch_size", "Frames per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128), registry=r)
         self.queue_wait = Histogram("vq_queue_wait_seconds", "Enqueue to dequeue", buckets=_LATENCY_BUCKETS,

@@ -32,11 +32,19 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process on a free loopback port, in a temporary directory."""
+    """A redis-server process on a free loopback port, in a temporary directory.
 
-    def __init__(self, port: int | None = None, hz: int = 100) -> None:
+    `appendonly=True` keeps an append-only file fsynced on every write (`appendfsync always`), so
+    `kill()` then `start()` (or `restart()`) brings back every acknowledged write, on the same port
+    and directory: what a fault test needs to play a crash and an AOF replay.
+    """
+
+    def __init__(self, port: int | None = None, hz: int = 100, *, appendonly: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.hz = hz
+        self.appendonly = appendonly
+        self.extra_args = tuple(extra_args)
         self.dir = tempfile.mkdtemp(prefix="vq-redis-")
         self.proc: subprocess.Popen | None = None
 
@@ -47,8 +55,10 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", self.dir, "--hz", str(self.hz),
+            "--save", "", "--dir", self.dir, "--hz", str(self.hz),
             "--daemonize", "no", "--protected-mode", "no", "--logfile", str(Path(self.dir) / "redis.log"),
+            *(["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -59,11 +69,26 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # -NOAUTH: up, with requirepass
                         return self
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server, keeping its port and directory for `start()` (a crash, not a shutdown)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """`kill()` then `start()` on the same port and directory (with `appendonly`, the data survives)."""
+        self.kill()
+        return self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

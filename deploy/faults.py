@@ -1,0 +1,222 @@
+"""Redis fault injection against a private redis-server (`worker.redis_server.RedisServer`).
+
+    faults = RedisFaults(server)            # server started with appendonly=True
+    faults.kill9_and_restart()              # SIGKILL, then the same port and dir, replaying the AOF
+    faults.pause(15)                        # CLIENT PAUSE ALL: every client blocks
+    faults.oom_window(15)                   # maxmemory just above used memory, noeviction: writes get OOM
+    faults.readonly_window(15)              # a coordinated FAILOVER to a copy: writes get READONLY
+
+Each `*_window` has a context-manager form (`with faults.readonly(): ...`) for tests that act
+inside the window. Each call returns a `FaultRecord` (start, end, what happened) for reports.
+
+READONLY without losing data: `REPLICAOF` straight at another server would make this one
+full-sync from it and drop its dataset. Instead a second, empty server first becomes *our*
+replica (it copies the dataset), then `FAILOVER TO` it (Redis 6.2+: writes are paused until the
+replica has caught up, then the roles swap, and this server resyncs partially from a copy of its
+own history: PSYNC2 accepts the old replication id). Clients still talk to this server, which is
+now a read-only replica: every write gets READONLY. To end the window the roles swap back the
+same way and the copy is shut down. If a coordinated failover cannot complete, `readonly()`
+raises before anything was demoted rather than falling back to a plain REPLICAOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import BusyLoadingError, ConnectionError, ResponseError, TimeoutError
+
+from worker.redis_server import RedisServer
+
+
+class FaultError(RuntimeError):
+    pass
+
+
+@dataclass
+class FaultRecord:
+    kind: str
+    started: float  # unix time the fault began
+    ended: float = 0.0  # unix time the server was healthy again
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, self.ended - self.started)
+
+
+def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (ConnectionError, TimeoutError, BusyLoadingError, ResponseError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise FaultError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last!r})" if last else ""))
+
+
+class RedisFaults:
+    """Faults played on `server`. Its own admin connection has no socket timeout issues: short-lived ones."""
+
+    def __init__(self, server: RedisServer, load_timeout: float = 120.0) -> None:
+        self.server = server
+        self.load_timeout = load_timeout
+
+    def _admin(self, port: int | None = None, timeout: float = 5.0) -> Redis:
+        return Redis(host="127.0.0.1", port=port or self.server.port, socket_timeout=timeout,
+                     socket_connect_timeout=timeout)
+
+    def _ready(self) -> bool:
+        with contextlib.closing(self._admin()) as r:
+            return bool(r.ping())
+
+    # -- kill -9 ------------------------------------------------------------------------------
+    def kill9_and_restart(self, down_s: float = 0.0) -> FaultRecord:
+        """SIGKILL redis-server, stay down `down_s`, start it on the same port and dir (AOF replay).
+
+        Returns once it answers PING again (LOADING is over): `detail` has the keys before and after.
+        """
+        if not self.server.appendonly:
+            raise FaultError("kill -9 without appendonly loses the dataset: start the server with appendonly=True")
+        with contextlib.closing(self._admin()) as r:
+            keys_before = r.dbsize()
+        record = FaultRecord("redis_kill9", time.time())
+        proc = self.server.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        record.detail["killed_pid"] = proc.pid
+        if down_s > 0:
+            time.sleep(down_s)  # the outage itself, not a synchronisation
+        self.server.start(timeout=self.load_timeout)
+        _wait(self._ready, self.load_timeout, "redis-server to load its AOF")
+        record.ended = time.time()
+        with contextlib.closing(self._admin()) as r:
+            record.detail.update(keys_before=keys_before, keys_after=r.dbsize(), new_pid=self.server.proc.pid)
+        return record
+
+    # -- CLIENT PAUSE -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self, seconds: float, mode: str = "ALL") -> Iterator[FaultRecord]:
+        """Every client's commands block (mode ALL) for `seconds`; the block returns once the pause is over.
+
+        The pause cannot be cut short: on Redis 7.0 CLIENT UNPAUSE is itself held by a PAUSE ALL,
+        and a new connection's handshake is paused too (a client connecting during the window
+        waits or times out, as it would against a stalled server).
+        """
+        record = FaultRecord(f"pause_{mode.lower()}", time.time(), detail={"mode": mode, "seconds": seconds})
+        with contextlib.closing(self._admin()) as r:
+            r.execute_command("CLIENT", "PAUSE", int(seconds * 1000), mode)
+        until = time.monotonic() + seconds
+        try:
+            yield record
+        finally:
+            remaining = until - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)  # the window's length: the server ends the pause by itself
+            _wait(self._ready, 30, "the pause to end")
+            record.ended = time.time()
+
+    def pause(self, seconds: float) -> FaultRecord:
+        with self.paused(seconds) as record:
+            pass
+        return record
+
+    # -- OOM ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def oom(self, headroom_bytes: int = 64 * 1024) -> Iterator[FaultRecord]:
+        """maxmemory just above used memory with noeviction: writes fail with OOM until the block ends."""
+        with contextlib.closing(self._admin()) as r:
+            before = r.config_get("maxmemory*")
+            used = int(r.info("memory")["used_memory"])
+            limit = used + headroom_bytes
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", limit)
+        record = FaultRecord("redis_oom", time.time(), detail={"used_memory": used, "maxmemory": limit})
+        try:
+            yield record
+        finally:
+            with contextlib.closing(self._admin()) as r:
+                r.config_set("maxmemory", before.get("maxmemory", "0"))
+                r.config_set("maxmemory-policy", before.get("maxmemory-policy", "noeviction"))
+                record.detail["used_memory_at_end"] = int(r.info("memory")["used_memory"])
+            record.ended = time.time()
+
+    def oom_window(self, seconds: float, headroom_bytes: int = 64 * 1024) -> FaultRecord:
+        with self.oom(headroom_bytes) as record:
+            time.sleep(seconds)  # the window's length
+        return record
+
+    # -- READONLY -----------------------------------------------------------------------------
+    def _offsets_match(self, master: Redis, replica: Redis) -> bool:
+        m = master.info("replication")
+        rep = replica.info("replication")
+        return rep.get("master_link_status") == "up" and rep.get("slave_repl_offset") == m.get("master_repl_offset")
+
+    def _failover(self, master_port: int, to_port: int, timeout: float) -> None:
+        """Coordinated FAILOVER from master_port to its replica to_port; returns when roles have swapped."""
+        with contextlib.closing(self._admin(master_port)) as r:
+            r.execute_command("FAILOVER", "TO", "127.0.0.1", to_port, "TIMEOUT", int(timeout * 1000))
+
+        def swapped() -> bool:
+            with contextlib.closing(self._admin(master_port)) as old, contextlib.closing(self._admin(to_port)) as new:
+                o, n = old.info("replication"), new.info("replication")
+                return (o.get("role") == "slave" and o.get("master_link_status") == "up"
+                        and n.get("role") == "master")
+
+        _wait(swapped, timeout + 10, f"failover from {master_port} to {to_port}", interval=0.05)
+
+    @contextlib.contextmanager
+    def readonly(self, timeout: float = 30.0) -> Iterator[FaultRecord]:
+        """This server is a read-only replica of a copy of itself until the block ends; no data is lost."""
+        copy = RedisServer().start()
+        record = FaultRecord("redis_readonly", time.time(), detail={"copy_port": copy.port})
+        demoted = False
+        try:
+            with contextlib.closing(self._admin(copy.port)) as c, contextlib.closing(self._admin()) as r:
+                keys = r.dbsize()
+                c.replicaof("127.0.0.1", self.server.port)
+                _wait(lambda: self._offsets_match(r, c), timeout, "the copy to sync")
+                record.detail["keys"] = keys
+            self._failover(self.server.port, copy.port, timeout)
+            demoted = True
+            record.started = time.time()
+            yield record
+        finally:
+            if demoted:
+                self._failover(copy.port, self.server.port, timeout)
+            with contextlib.closing(self._admin()) as r:
+                info = r.info("replication")
+                if info.get("role") != "master":  # never leave the server demoted
+                    r.replicaof("NO", "ONE")
+                record.detail["keys_after"] = r.dbsize()
+            copy.stop()
+            record.ended = time.time()
+
+    def readonly_window(self, seconds: float, timeout: float = 30.0) -> FaultRecord:
+        with self.readonly(timeout) as record:
+            time.sleep(seconds)  # the window's length
+        return record
+
+    # -- after any fault ----------------------------------------------------------------------
+    def heal(self) -> None:
+        """Whatever was left behind: the server up, master, unpaused, no maxmemory."""
+        if not self.server.running:
+            self.server.start(timeout=self.load_timeout)
+        _wait(self._ready, self.load_timeout, "redis-server to answer")
+        with contextlib.closing(self._admin()) as r:
+            if r.info("replication").get("role") != "master":
+                r.replicaof("NO", "ONE")
+            r.config_set("maxmemory", 0)
+
+
+__all__ = ["FaultError", "FaultRecord", "RedisFaults"]

@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", help="the version to serve (default: the one promoted before the current one)")
     a = p.parse_args(argv)
     registry = ModelRegistry(Redis.from_url(a.redis_url))
-    before = registry.current()
+    try:
+        before = registry.current()
+    except RegistryError as exc:  # a planted `current`: still repairable with --to
+        before = f"(invalid: {exc})"
     try:
         after = registry.rollback(a.to)
     except RegistryError as exc:

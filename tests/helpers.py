@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -62,3 +63,60 @@ def worker_registered(conn: Redis, name: str) -> bool:
 
 
 stop_worker = workers.stop_worker
+
+
+def rewrite_manifest(artifact: Path, change: Callable[[dict], object]) -> dict:
+    """Apply `change(manifest)` to an artifact's manifest.json on disk (NaN/inf written as JSON allows)."""
+    import json
+
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def metric_value(port: int, sample: str) -> float | None:
+    """One sample (`name{labels}`) from a worker's Prometheus endpoint; None while it is absent."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def served_by(conn: Redis, seq: int, timeout: float = 60) -> str:
+    """Send one frame and wait for its result: the model version that classified it."""
+    from conftest import wait_for
+    from rq.job import JobStatus
+
+    from worker.frames import make_frame
+    from worker.jobs import FrameQueue, enqueue_frames
+
+    [job] = enqueue_frames(FrameQueue(connection=conn), [make_frame(jpeg(seed=seq % 7), station="probe", seq=seq)])
+    status = wait_for(lambda: (s := job.get_status()) in (JobStatus.FINISHED, JobStatus.FAILED) and s,
+                      timeout=timeout, what=f"probe frame {seq}")
+    assert status == JobStatus.FINISHED, job.latest_result()
+    return job.return_value()["model_version"]
+
+
+class OutputTail:
+    """Non-blocking reads of what a worker process has printed so far."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.buf = bytearray()
+
+    def text(self) -> str:
+        import os
+
+        fd = self.proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        try:
+            while chunk := os.read(fd, 65536):
+                self.buf += chunk
+        except BlockingIOError:
+            pass
+        return self.buf.decode(errors="replace")

@@ -258,7 +258,8 @@ def test_redis_kill9_and_restart_mid_batch_loses_nothing_and_the_worker_stays(tm
         wait_for(lambda: ended(conn, ids), timeout=120, what="every frame ended after the restarts")
         assert proc.poll() is None, f"the worker exited: {log.read_text()[-3000:]}"
         _assert_each_frame_recorded_once(conn, ids)
-        assert count_lines(log, "is unavailable") >= 1 and count_lines(log, "is back") >= 1
+        assert count_lines(log, "is unavailable") >= 1
+        wait_for(lambda: count_lines(log, "is back"), timeout=30, what="the worker to log that redis is back")
     finally:
         stop(proc)
     assert proc.returncode == 0
@@ -272,7 +273,8 @@ def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, 
     jobs = enqueue_frames(FrameQueue(connection=conn), frames(120))
     ids = [j.id for j in jobs]
     log = tmp_path / "w.log"
-    proc = start(aof_server.url, subprocess_env, f"w-{fault}", log, **_ride_settings(artifact))
+    # Leases outlive the fault's setup (a failover under load takes a while): no frame looks abandoned.
+    proc = start(aof_server.url, subprocess_env, f"w-{fault}", log, **_ride_settings(artifact, VQ_HEARTBEAT_TTL="60"))
     started = StartedJobRegistry("inference", connection=conn)
     try:
         wait_for(lambda: started.get_job_ids(cleanup=False), timeout=90, interval=0.005, what="a batch in hand")
@@ -280,14 +282,17 @@ def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, 
             with faults.paused(3):
                 pass  # the worker's calls block until the server lets them through
         else:
+            # Held still while the fault is set up, so its next writes meet the fault with batches in hand.
+            proc.send_signal(signal.SIGSTOP)
             window = faults.readonly() if fault == "readonly" else faults.oom()
             with window:
+                proc.send_signal(signal.SIGCONT)
                 wait_for(lambda: count_lines(log, "is unavailable"), timeout=60, what="the worker to see the fault")
         wait_for(lambda: ended(conn, ids), timeout=120, what="every frame ended after the fault")
         assert proc.poll() is None, f"the worker exited: {log.read_text()[-3000:]}"
         _assert_each_frame_recorded_once(conn, ids)
-        if fault != "pause":
-            assert count_lines(log, "is back") >= 1
+        if fault != "pause":  # logged just after the call that succeeded: it may trail the last frame
+            wait_for(lambda: count_lines(log, "is back"), timeout=30, what="the worker to log that redis is back")
     finally:
         stop(proc)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +34,32 @@ INT8_FILE = "int8.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+SIGNATURE_FILE = "manifest.sig"  # the registry's Ed25519 signature, written beside a fetched manifest
+
 REQUIRED = ("format", "format_version", "arch", "class_names", "input_size", "normalization", "files")
+
+# Everything in a manifest is data that may have come from Redis: it is bounded before anything is
+# allocated from it (a 100k x 100k input_size would OOM every worker at once), and no name in it is
+# ever used as a path unless it is one of ours.
+DATA_FILES = frozenset({FLOAT_FILE, INT8_FILE})
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_FILES = len(DATA_FILES)
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 2048
+MAX_CLASSES = 4096
+MAX_CLASS_NAME = 100
+MAX_TEMPERATURE = 1000.0
+MIN_STD = 1e-4  # dividing by a tiny std turns every pixel into inf
+NORM_BOUND = 10.0
+PRECISIONS = ("int8", "fp32", "fp16", "bf16")
+_ARCH_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_BACKEND_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+# Versions are written into Redis key names and cache directory names, so they are one strict
+# shape: what new_version() makes (20261127T210102Z-3f2a1c), or a conservative general form with
+# no path separator, glob character, colon or whitespace. ".." is refused on top of the pattern.
+GENERATED_VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ArtifactError(ValueError):
@@ -52,43 +79,130 @@ def new_version() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
+def is_valid_version(version: object) -> bool:
+    if not isinstance(version, str):
+        return False
+    if GENERATED_VERSION_RE.fullmatch(version):
+        return True
+    return VERSION_RE.fullmatch(version) is not None and ".." not in version
+
+
+def check_version(version: object, what: str = "version") -> str:
+    """`version` if it has the one accepted shape; ArtifactError otherwise (never used as a path or key)."""
+    if not is_valid_version(version):
+        shown = repr(version)[:80]
+        raise ArtifactError(
+            f"{what} {shown} is not a valid model version (letters, digits, '.', '_', '-'; at most 64; "
+            "no '/', '..', glob characters, ':' or whitespace)"
+        )
+    return version  # type: ignore[return-value]
+
+
+def safe_child(directory: Path | str, name: str, allowed: frozenset[str] = DATA_FILES) -> Path:
+    """directory/name, for a name from the allowlist that resolves inside `directory`; else ArtifactError."""
+    if name not in allowed:
+        raise ArtifactError(f"{name[:80]!r} is not an allowed artifact file name ({', '.join(sorted(allowed))})")
+    base = Path(directory).resolve()
+    path = (base / name).resolve()
+    if path.parent != base:  # a symlink planted in the directory must not lead the write elsewhere
+        raise ArtifactError(f"{name} resolves outside {base}")
+    return path
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_manifest(manifest: Any) -> dict[str, Any]:
-    """Check the manifest's own consistency; ArtifactError naming what is wrong."""
+    """Check the manifest's own consistency and bounds; ArtifactError naming what is wrong."""
     if not isinstance(manifest, dict):
         raise ArtifactError("manifest is not a JSON object")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"manifest is missing {', '.join(missing)}")
     if manifest["format"] != FORMAT:
-        raise ArtifactError(f"manifest format is {manifest['format']!r}, expected {FORMAT!r}")
+        raise ArtifactError(f"manifest format is {str(manifest['format'])[:40]!r}, expected {FORMAT!r}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"manifest format_version {manifest['format_version']} is not supported (this reads {FORMAT_VERSION})"
+            f"manifest format_version {str(manifest['format_version'])[:20]} is not supported "
+            f"(this reads {FORMAT_VERSION})"
         )
+    if "version" in manifest:
+        check_version(manifest["version"], "manifest version")
+    if manifest.get("parent_version") is not None:
+        check_version(manifest["parent_version"], "manifest parent_version")
+    arch = manifest["arch"]
+    if not (isinstance(arch, str) and _ARCH_RE.fullmatch(arch)):
+        raise ArtifactError(f"arch {str(arch)[:40]!r} is not an architecture name")
+    if manifest.get("precision") is not None and manifest["precision"] not in PRECISIONS:
+        raise ArtifactError(f"precision {str(manifest['precision'])[:20]!r} is not one of {', '.join(PRECISIONS)}")
     names = manifest["class_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ArtifactError("class_names must be a non-empty list of strings")
+    if len(names) > MAX_CLASSES:
+        raise ArtifactError(f"class_names has {len(names)} entries; at most {MAX_CLASSES}")
+    if not all(len(n) <= MAX_CLASS_NAME and n.isprintable() for n in names):
+        raise ArtifactError(f"class names must be printable and at most {MAX_CLASS_NAME} characters")
     if len(set(names)) != len(names):
         raise ArtifactError("class_names has duplicates")
     if manifest.get("num_classes", len(names)) != len(names):
         raise ArtifactError(
-            f"class count mismatch: num_classes is {manifest['num_classes']} but {len(names)} class names are given"
+            f"class count mismatch: num_classes is {str(manifest['num_classes'])[:20]} "
+            f"but {len(names)} class names are given"
         )
     size = manifest["input_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s >= 16 for s in size)):
-        raise ArtifactError("input_size must be [height, width], each an integer >= 16")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and MIN_INPUT_SIDE <= s <= MAX_INPUT_SIDE
+                    for s in size)):
+        raise ArtifactError(
+            f"input_size must be [height, width], each an integer in [{MIN_INPUT_SIDE}, {MAX_INPUT_SIDE}]"
+        )
     norm = manifest["normalization"]
-    if not (isinstance(norm, dict) and len(norm.get("mean", ())) == 3 and len(norm.get("std", ())) == 3):
+    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)
+            and len(norm["mean"]) == 3 and len(norm["std"]) == 3):
         raise ArtifactError("normalization must have 3-value mean and std")
-    if float(manifest.get("temperature", 1.0)) <= 0:
-        raise ArtifactError("temperature must be > 0")
+    if not all(_real(m) and abs(m) <= NORM_BOUND for m in norm["mean"]):
+        raise ArtifactError(f"normalization mean must be finite numbers within ±{NORM_BOUND}")
+    if not all(_real(s) and MIN_STD <= s <= NORM_BOUND for s in norm["std"]):
+        raise ArtifactError(f"normalization std must be finite numbers in [{MIN_STD}, {NORM_BOUND}]")
+    temperature = manifest.get("temperature", 1.0)
+    if not (_real(temperature) and 0 < temperature <= MAX_TEMPERATURE):
+        raise ArtifactError(f"temperature must be a finite number in (0, {MAX_TEMPERATURE}]")
     files = manifest["files"]
     if not isinstance(files, dict) or FLOAT_FILE not in files:
         raise ArtifactError(f"manifest lists no {FLOAT_FILE}")
+    if len(files) > MAX_FILES:
+        raise ArtifactError(f"manifest lists {len(files)} files; at most {MAX_FILES}")
+    for name, entry in files.items():
+        if name not in DATA_FILES:
+            raise ArtifactError(
+                f"manifest file {name[:80]!r} is not an allowed artifact file name ({', '.join(sorted(DATA_FILES))})"
+            )
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.fullmatch(entry["sha256"])):
+            raise ArtifactError(f"manifest entry for {name} has no valid sha256")
     quant = manifest.get("quantization")
-    if quant and quant.get("file") not in files:
-        raise ArtifactError(f"quantization file {quant.get('file')!r} is not listed in files")
+    if quant is not None:
+        if not isinstance(quant, dict):
+            raise ArtifactError("quantization must be an object or null")
+        if not isinstance(quant.get("file"), str) or quant["file"] not in files or quant["file"] == FLOAT_FILE:
+            raise ArtifactError(f"quantization file {str(quant.get('file'))[:80]!r} is not listed in files")
+        if not (isinstance(quant.get("backend"), str) and _BACKEND_RE.fullmatch(quant["backend"])):
+            raise ArtifactError(f"quantization backend {str(quant.get('backend'))[:40]!r} is not a backend name")
+    if not isinstance(manifest.get("metrics", {}), dict):
+        raise ArtifactError("metrics must be an object")
     return manifest
+
+
+def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
+    """Bounded parse + validate of manifest JSON from a file or from Redis."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where}: manifest is {len(raw)} bytes; at most {MAX_MANIFEST_BYTES}")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer past Python's digit limit
+        raise ArtifactError(f"{where} is not valid JSON: {exc}") from None
+    return validate_manifest(manifest)
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
@@ -96,11 +210,9 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{path} is not a model artifact: no {MANIFEST}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
-    return validate_manifest(manifest)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return parse_manifest(mpath.read_bytes(), str(mpath))
 
 
 def serving_files(manifest: dict[str, Any], device: str = "cpu") -> list[str]:
@@ -118,7 +230,7 @@ def verify_files(path: Path | str, manifest: dict[str, Any], names: list[str] | 
         entry = manifest["files"].get(name)
         if entry is None:
             raise ArtifactError(f"{name} is not listed in the manifest")
-        fpath = path / name
+        fpath = safe_child(path, name)
         if not fpath.is_file():
             raise ArtifactError(f"artifact {path} is missing {name}")
         digest = sha256_file(fpath)
@@ -242,7 +354,7 @@ def load_for_serving(path: Path | str, device: str = "cpu", precision: str = "au
         float_model = build_model(manifest["arch"], len(manifest["class_names"])).eval()
         example = torch.zeros(2, 3, h, w)
         try:
-            model = rebuild_int8(quant["backend"], float_model, example, load_state(path / quant["file"]))
+            model = rebuild_int8(quant["backend"], float_model, example, load_state(safe_child(path, quant["file"])))
         except QuantizationError as exc:
             raise ArtifactError(str(exc)) from exc
         return ServingModel(model.eval(), manifest, "int8", get_backend(quant["backend"]).shape_specialized)

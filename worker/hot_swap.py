@@ -20,7 +20,7 @@ from redis import Redis
 from .metrics import WorkerMetrics
 from .model_source import load_engine
 from .redis_health import is_transient
-from .registry import ModelRegistry
+from .registry import InvalidVersionError, ModelRegistry
 from .runtime import InferenceEngine
 from .settings import Settings
 
@@ -85,7 +85,16 @@ class ModelWatcher:
 
     def check(self) -> InferenceEngine | None:
         """Prepare the registry's current version if it is neither served, prepared nor refused."""
-        current = self.registry.current()
+        try:
+            current = self.registry.current()
+        except InvalidVersionError as exc:  # `current` holds something that is no version: data, refused once
+            bad = f"invalid:{exc}"
+            if bad not in self.refused:
+                self.refused.add(bad)
+                self.metrics.model_swaps.labels(outcome="refused").inc()
+                log.error("registry's current pointer refused; keeping the model in service", serving=self.serving,
+                          error=str(exc))
+            return None
         if current is None or current in (self.serving, self.prepared) or current in self.refused:
             return None
         log.info("new model version promoted; preparing it", version=current, serving=self.serving)

@@ -25,8 +25,10 @@ log = structlog.get_logger("visionqueue.redis")
 
 T = TypeVar("T")
 
-# Server replies that mean "not now" rather than "never": the same command succeeds later.
-_TRANSIENT_PREFIXES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY", "CLUSTERDOWN")
+# Server replies that mean "not now" rather than "never": the same command succeeds later. Matched on
+# the reply's first word (BUSYGROUP, say, is a permanent "group exists", not BUSY).
+_TRANSIENT_CODES = frozenset({"OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY",
+                              "CLUSTERDOWN"})
 
 
 class RedisOutageError(RuntimeError):
@@ -48,7 +50,7 @@ def is_transient(exc: BaseException) -> bool:
         text = str(exc)
         # A pipeline's error is annotated "Command # 3 (…) of pipeline caused error: OOM …".
         text = text.rsplit("caused error: ", 1)[-1]
-        return text.startswith(_TRANSIENT_PREFIXES)
+        return text.split(" ", 1)[0] in _TRANSIENT_CODES
     return False
 
 

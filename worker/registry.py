@@ -2,32 +2,68 @@
 
 Keys (prefix `vq:models`):
     :versions              ZSET version -> publish time
-    :v:<version>:manifest  the manifest JSON
-    :v:<version>:file:<n>  a serving file, raw bytes
+    :v:<version>:manifest  the manifest JSON (canonical: sorted keys, no whitespace)
+    :v:<version>:signature the Ed25519 signature over the canonical manifest (absent: unsigned)
+    :v:<version>:file:<n>  a serving file, raw bytes (n from the artifact file allowlist)
     :v:<version>:float     the float weights, zlib-compressed (for the updater and CUDA workers)
     :current               the version workers serve
     :history               LIST of versions promoted, newest first (rollback walks it)
     :events                pub/sub channel: a message on every promotion
 
-CLI: `python -m worker.registry publish PATH [--no-promote] | list | current | promote VERSION |
-fetch VERSION DIR [--float] | rollback [--to VERSION]`.
+Whoever can write Redis can write all of this, so every value read back is data: a version must
+match one strict pattern before it becomes part of a key or a directory name, file names come from
+the artifact allowlist, and per-version keys are named exactly (never a SCAN pattern).
+
+CLI: `python -m worker.registry publish PATH [--no-promote] [--sign-key FILE] | list | current |
+promote VERSION | fetch VERSION DIR [--float] | rollback [--to VERSION] | verify VERSION |
+keygen --out DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 
-from .artifact import FLOAT_FILE, MANIFEST, ArtifactError, read_manifest, serving_files, validate_manifest, verify_files
+from .artifact import (
+    DATA_FILES,
+    FLOAT_FILE,
+    MANIFEST,
+    SIGNATURE_FILE,
+    ArtifactError,
+    check_version,
+    is_valid_version,
+    parse_manifest,
+    read_manifest,
+    safe_child,
+    serving_files,
+    verify_files,
+)
+from .signing import (
+    PUBKEY_ENV,
+    SIGN_KEY_ENV,
+    SignatureError,
+    SigningError,
+    canonical_manifest,
+    generate_keypair,
+    key_id,
+    parse_public_keys,
+    public_key_of,
+    sign_manifest,
+    verify_manifest,
+)
 
 PREFIX = "vq:models"
 DEFAULT_KEEP = int(os.environ.get("VQ_REGISTRY_KEEP", 5))
@@ -41,7 +77,25 @@ class RegistryError(RuntimeError):
     pass
 
 
+class InvalidVersionError(RegistryError):
+    """A version (given, or read from Redis) that does not have the one accepted shape."""
+
+
+def _valid(version: object, what: str = "version") -> str:
+    try:
+        return check_version(version, what)
+    except ArtifactError as exc:
+        raise InvalidVersionError(str(exc)) from None
+
+
 def _inflate_to(blob: bytes, path: Path, version: str, chunk: int = 64 * 1024**2) -> None:
+    try:
+        _inflate(blob, path, version, chunk)
+    except zlib.error as exc:
+        raise ArtifactError(f"registry entry for {version}: float weights are not valid zlib data ({exc})") from None
+
+
+def _inflate(blob: bytes, path: Path, version: str, chunk: int) -> None:
     inflater = zlib.decompressobj()
     written = 0
     with path.open("wb") as out:
@@ -53,6 +107,24 @@ def _inflate_to(blob: bytes, path: Path, version: str, chunk: int = 64 * 1024**2
             out.write(data)
             data = inflater.decompress(inflater.unconsumed_tail, chunk)
         out.write(inflater.flush())
+
+
+@contextmanager
+def _install_lock(base: Path, version: str) -> Iterator[None]:
+    """One installer per version per cache: replicas sharing a cache volume never delete each other's files."""
+    fd = os.open(base / f".{version}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # never follow a planted link: remove the link itself
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 class ModelRegistry:
@@ -79,27 +151,44 @@ class ModelRegistry:
         return f"{self.prefix}:events"
 
     def _vkey(self, version: str, part: str) -> str:
-        return f"{self.prefix}:v:{version}:{part}"
+        return f"{self.prefix}:v:{_valid(version)}:{part}"
+
+    def _file_key(self, version: str, name: str) -> str:
+        if name not in DATA_FILES:
+            raise ArtifactError(f"{name[:80]!r} is not an allowed artifact file name")
+        return self._vkey(version, "float" if name == FLOAT_FILE else f"file:{name}")
+
+    def version_keys(self, version: str) -> list[str]:
+        """Every key a version can own, named exactly: what prune deletes (no pattern, no key list from Redis)."""
+        return [self._vkey(version, "manifest"), self._vkey(version, "signature"),
+                *(self._file_key(version, name) for name in sorted(DATA_FILES))]
 
     # -- writing ------------------------------------------------------------------------------
-    def publish(self, path: Path | str, promote: bool = True) -> str:
-        """Verify the artifact at `path`, store it, optionally make it current; returns its version."""
+    def publish(self, path: Path | str, promote: bool = True, sign_key: Path | str | None = None) -> str:
+        """Verify the artifact at `path`, store it (signed), optionally make it current; returns its version.
+
+        `sign_key` defaults to $VQ_SIGN_KEY_FILE, so every caller of publish (the trainer, the
+        updater after its gate) signs when the host holds the key; without one the version is
+        stored unsigned, and workers that pin a key will refuse it.
+        """
         path = Path(path)
         manifest = read_manifest(path)
         verify_files(path, manifest)
         version = manifest.get("version")
         if not version:
             raise RegistryError(f"{path}/{MANIFEST} has no version")
+        version = _valid(version)
+        sign_key = sign_key or os.environ.get(SIGN_KEY_ENV) or None
+        signature = sign_manifest(manifest, sign_key) if sign_key else None
         if self.conn.zscore(self.versions_key, version) is not None:
             raise RegistryError(f"version {version} is already published")
         with self.conn.pipeline() as pipe:
-            pipe.set(self._vkey(version, "manifest"), json.dumps(manifest))
+            pipe.set(self._vkey(version, "manifest"), canonical_manifest(manifest))
+            if signature is not None:
+                pipe.set(self._vkey(version, "signature"), signature)
             for name in manifest["files"]:
-                data = (path / name).read_bytes()
-                if name == FLOAT_FILE:
-                    pipe.set(self._vkey(version, "float"), zlib.compress(data, 1))
-                else:
-                    pipe.set(self._vkey(version, f"file:{name}"), data)
+                data = safe_child(path, name).read_bytes()
+                pipe.set(self._file_key(version, name), zlib.compress(data, 1) if name == FLOAT_FILE else data)
             pipe.zadd(self.versions_key, {version: time.time()})
             pipe.execute()
         if promote:
@@ -109,6 +198,7 @@ class ModelRegistry:
 
     def promote(self, version: str) -> None:
         """Point `current` at `version` and tell every worker."""
+        version = _valid(version)
         if self.conn.zscore(self.versions_key, version) is None:
             raise RegistryError(f"version {version} is not in the registry (see `python -m worker.registry list`)")
         with self.conn.pipeline() as pipe:
@@ -119,11 +209,15 @@ class ModelRegistry:
             pipe.execute()
 
     def rollback(self, to: str | None = None) -> str:
-        """Make `to` (default: the version promoted before the current one) current again."""
-        current = self.current()
+        """Make `to` (default: the version promoted before the current one) current again.
+
+        Works with a broken `current` too (that is when it is needed most): the bad value is replaced.
+        """
+        if to is not None:
+            to = _valid(to)
+        current = self._current_or_none()
         if to is None:
-            history = [v.decode() for v in self.conn.lrange(self.history_key, 0, -1)]
-            earlier = [v for v in history if v != current and self.exists(v)]
+            earlier = [v for v in self.history() if v != current and self.exists(v)]
             if not earlier:
                 raise RegistryError("no earlier promoted version to roll back to")
             to = earlier[0]
@@ -135,18 +229,20 @@ class ModelRegistry:
 
     def prune(self) -> list[str]:
         """Delete the oldest versions beyond `keep`, never the current one or its predecessor."""
-        versions = self.versions()
+        members = [m.decode(errors="replace") for m in self.conn.zrange(self.versions_key, 0, -1)]
+        invalid = [m for m in members if not is_valid_version(m)]
+        if invalid:
+            # Planted members own no keys we would name; drop the entries themselves (exact members).
+            self.conn.zrem(self.versions_key, *invalid)
+        versions = [m for m in members if is_valid_version(m)]
         if len(versions) <= self.keep:
             return []
-        history = [v.decode() for v in self.conn.lrange(self.history_key, 0, 1)]
-        protected = set(history) | {self.current()}
+        protected = set(self.history()[:2]) | {self._current_or_none()}
         removable = [v for v in versions if v not in protected]
         doomed = removable[: len(versions) - self.keep]
         for version in doomed:
-            keys = list(self.conn.scan_iter(match=self._vkey(version, "*")))
             with self.conn.pipeline() as pipe:
-                if keys:
-                    pipe.delete(*keys)
+                pipe.delete(*self.version_keys(version))
                 pipe.zrem(self.versions_key, version)
                 pipe.lrem(self.history_key, 0, version)
                 pipe.execute()
@@ -154,67 +250,126 @@ class ModelRegistry:
 
     # -- reading ------------------------------------------------------------------------------
     def versions(self) -> list[str]:
-        """All versions, oldest first."""
-        return [v.decode() for v in self.conn.zrange(self.versions_key, 0, -1)]
+        """All valid versions, oldest first (a planted member that is not a version is ignored)."""
+        members = (m.decode(errors="replace") for m in self.conn.zrange(self.versions_key, 0, -1))
+        return [m for m in members if is_valid_version(m)]
 
     def exists(self, version: str) -> bool:
-        return self.conn.zscore(self.versions_key, version) is not None
+        return is_valid_version(version) and self.conn.zscore(self.versions_key, version) is not None
 
     def current(self) -> str | None:
+        """The current version; InvalidVersionError if Redis holds something that is not a version."""
         raw = self.conn.get(self.current_key)
-        return raw.decode() if raw else None
+        if raw is None:
+            return None
+        value = raw.decode(errors="replace")
+        if not is_valid_version(value):
+            raise InvalidVersionError(
+                f"the registry's current pointer {value[:80]!r} is not a valid model version; refusing it "
+                "(repair with `python -m worker.registry rollback --to VERSION`)"
+            )
+        return value
+
+    def _current_or_none(self) -> str | None:
+        try:
+            return self.current()
+        except InvalidVersionError:
+            return None
+
+    def history(self, valid_only: bool = True) -> list[str]:
+        """Versions promoted, newest first; entries that are not versions are dropped unless asked for."""
+        entries = [v.decode(errors="replace") for v in self.conn.lrange(self.history_key, 0, -1)]
+        return [v for v in entries if is_valid_version(v)] if valid_only else entries
 
     def manifest(self, version: str) -> dict[str, Any]:
+        """The version's manifest, parsed within bounds and validated; it must name itself `version`."""
+        version = _valid(version)
         raw = self.conn.get(self._vkey(version, "manifest"))
         if raw is None:
             raise RegistryError(f"version {version} is not in the registry")
-        return validate_manifest(json.loads(raw))
+        manifest = parse_manifest(raw, f"the registry's manifest of {version}")
+        if manifest.get("version") != version:
+            # A signed manifest copied under another name must not pass as that version.
+            raise ArtifactError(f"the registry's entry {version} holds the manifest of {manifest.get('version')!r}")
+        return manifest
 
-    def fetch(self, version: str, dest: Path | str, device: str = "cpu", include_float: bool = False) -> Path:
+    def signature(self, version: str) -> bytes | None:
+        return self.conn.get(self._vkey(version, "signature"))
+
+    def verify(self, version: str, trusted_keys: Sequence[str]) -> str:
+        """The id of the trusted key that signed `version`; SignatureError if none did."""
+        return verify_manifest(self.manifest(version), self.signature(version), trusted_keys)
+
+    def fetch(self, version: str, dest: Path | str, device: str = "cpu", include_float: bool = False,
+              trusted_keys: Sequence[str] | None = None) -> Path:
         """Write what `device` serves (plus the float weights if asked) under dest/<version>, verified.
 
-        An existing verified copy is reused; a corrupt one is replaced.
+        With trusted keys (default: $VQ_MODEL_PUBKEY, so the updater checks the model it fine-tunes
+        before it signs the result; `()` checks nothing) the signature is checked before anything
+        is written. An existing verified copy is reused; a corrupt one is replaced.
         """
+        version = _valid(version)
+        if trusted_keys is None:
+            trusted_keys = _trusted(os.environ.get(PUBKEY_ENV))
         manifest = self.manifest(version)
+        signature = self.signature(version)
+        if trusted_keys:
+            verify_manifest(manifest, signature, trusted_keys)
         names = serving_files(manifest, device)
         if include_float and FLOAT_FILE not in names:
             names = [*names, FLOAT_FILE]
-        target = Path(dest) / version
-        try:
-            if read_manifest(target) == manifest:
-                verify_files(target, manifest, names)
-                return target
-        except ArtifactError:
-            pass
-        tmp = Path(dest) / f".{version}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            for name in names:
-                compressed = name == FLOAT_FILE
-                data = self.conn.get(self._vkey(version, "float" if compressed else f"file:{name}"))
-                if data is None:
-                    raise ArtifactError(f"registry entry for {version} is missing {name}")
-                if compressed:
-                    _inflate_to(data, tmp / name, version)
-                else:
-                    (tmp / name).write_bytes(data)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            verify_files(tmp, manifest, names)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        base = Path(dest).resolve()
+        target = base / version
+        if target.parent != base:
+            raise InvalidVersionError(f"version {version!r} does not name a directory inside {base}")
+        with _install_lock(base, version):
+            if target.is_dir() and not target.is_symlink():
+                try:
+                    if read_manifest(target) == manifest:
+                        verify_files(target, manifest, names)
+                        return target
+                except ArtifactError:
+                    pass
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=base))
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
+            try:
+                for name in names:
+                    data = self.conn.get(self._file_key(version, name))
+                    if data is None:
+                        raise ArtifactError(f"registry entry for {version} is missing {name}")
+                    if name == FLOAT_FILE:
+                        _inflate_to(data, safe_child(tmp, name), version)
+                    else:
+                        safe_child(tmp, name).write_bytes(data)
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                if signature is not None:
+                    (tmp / SIGNATURE_FILE).write_bytes(signature)
+                verify_files(tmp, manifest, names)
+                _remove(target)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
-    def describe(self) -> list[dict[str, Any]]:
-        current = self.current()
+    def describe(self, trusted_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+        current = self._current_or_none()
         rows = []
         for version in self.versions():
-            m = self.manifest(version)
-            rows.append({
-                "version": version,
-                "current": version == current,
+            signature = self.signature(version)
+            row: dict[str, Any] = {"version": version, "current": version == current, "signed": signature is not None}
+            try:
+                m = self.manifest(version)
+            except (RegistryError, ArtifactError) as exc:
+                rows.append({**row, "error": str(exc)})  # one bad entry must not hide the others
+                continue
+            if trusted_keys:
+                try:
+                    row["signed_by"] = verify_manifest(m, signature, trusted_keys)
+                    row["signature_valid"] = True
+                except SignatureError:
+                    row["signature_valid"] = False
+            row.update({
                 "arch": m["arch"],
                 "classes": len(m["class_names"]),
                 "precision": m.get("precision"),
@@ -222,7 +377,12 @@ class ModelRegistry:
                 "created_at": m.get("created_at"),
                 "metrics": m.get("metrics", {}),
             })
+            rows.append(row)
         return rows
+
+
+def _trusted(value: str | None) -> tuple[str, ...]:
+    return parse_public_keys(value) if value and value.strip() else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept (older ones are pruned)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    pubkey_help = f"trusted public key(s): file or key, comma-separated (default: ${PUBKEY_ENV})"
     p = sub.add_parser("publish", help="store an artifact directory (and make it current)")
     p.add_argument("path")
     p.add_argument("--no-promote", action="store_true")
-    sub.add_parser("list", help="versions, oldest first, as JSON lines")
+    p.add_argument("--sign-key", default=os.environ.get(SIGN_KEY_ENV) or None,
+                   help=f"Ed25519 private key (PEM) to sign the manifest with (default: ${SIGN_KEY_ENV})")
+    p = sub.add_parser("list", help="versions, oldest first, as JSON lines (signed, and valid for the trusted keys)")
+    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
     sub.add_parser("current", help="print the current version")
     p = sub.add_parser("promote", help="make VERSION current")
     p.add_argument("version")
@@ -243,14 +407,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.add_argument("dest")
     p.add_argument("--float", action="store_true", help="include the float weights")
+    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
+    p = sub.add_parser("verify", help="check VERSION's signature against the trusted key(s); exit 3 if invalid")
+    p.add_argument("version")
+    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
+    p = sub.add_parser("keygen", help="write an Ed25519 signing key (signing.key, 0600) and signing.pub to DIR")
+    p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    reg = ModelRegistry(Redis.from_url(args.redis_url), keep=args.keep)
     try:
+        if args.cmd == "keygen":
+            private, public = generate_keypair(args.out)
+            raw = public_key_of(private)
+            print(json.dumps({"signing_key": str(private), "public_key": str(public), "public_key_b64": raw,
+                              "key_id": key_id(raw)}))
+            return 0
+        reg = ModelRegistry(Redis.from_url(args.redis_url), keep=args.keep)
         if args.cmd == "publish":
-            print(reg.publish(args.path, promote=not args.no_promote))
+            print(reg.publish(args.path, promote=not args.no_promote, sign_key=args.sign_key))
         elif args.cmd == "list":
-            for row in reg.describe():
+            for row in reg.describe(_trusted(args.pubkey)):
                 print(json.dumps(row))
         elif args.cmd == "current":
             current = reg.current()
@@ -264,8 +440,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "rollback":
             print(reg.rollback(args.to))
         elif args.cmd == "fetch":
-            print(reg.fetch(args.version, args.dest, include_float=args.float))
-    except (RegistryError, ArtifactError) as exc:
+            print(reg.fetch(args.version, args.dest, include_float=args.float, trusted_keys=_trusted(args.pubkey)))
+        elif args.cmd == "verify":
+            trusted = _trusted(args.pubkey)
+            if not trusted:
+                print(f"error: no trusted key: give --pubkey or set {PUBKEY_ENV}", file=sys.stderr)
+                return 2
+            print(json.dumps({"version": args.version, "signed_by": reg.verify(args.version, trusted)}))
+    except SignatureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (RegistryError, ArtifactError, SigningError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ A bad value stops the worker at start with a message naming the variable.
 | VQ_MAX_RESCUES | 3 | a frame taken back from dead workers more often than this fails as poison |
 | VQ_LOG_FORMAT | auto | json, console or auto (json when stderr is not a terminal) |
 | VQ_LOG_LEVEL | info | debug, info, warning, error |
+| VQ_MODEL_PUBKEY | (unset) | trusted Ed25519 public key(s): files or keys (PEM/base64), comma-separated |
 
 The learning-loop capture (VQ_SAMPLE_*) is configured in `worker/sample_feed.py`.
 """
@@ -68,6 +69,18 @@ def env_choice(env: dict[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def _model_pubkeys(env: dict[str, str]) -> tuple[str, ...]:
+    raw = env.get("VQ_MODEL_PUBKEY") or ""
+    if not raw.strip():
+        return ()
+    from .signing import SigningError, parse_public_keys
+
+    try:
+        return parse_public_keys(raw)
+    except SigningError as exc:
+        raise SettingsError(f"VQ_MODEL_PUBKEY: {exc}") from None
+
+
 def _device(env: dict[str, str]) -> str:
     value = (env.get("VQ_DEVICE") or "auto").strip().lower()
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
@@ -97,6 +110,7 @@ class Settings:
     max_rescues: int = 3
     log_format: str = "auto"
     log_level: str = "info"
+    model_pubkeys: tuple[str, ...] = ()  # base64 raw Ed25519 keys; empty: signatures are not required
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -125,6 +139,7 @@ class Settings:
             max_rescues=env_int(env, "VQ_MAX_RESCUES", 3, 1, 100),
             log_format=env_choice(env, "VQ_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=env_choice(env, "VQ_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            model_pubkeys=_model_pubkeys(env),
         )
 
     def describe(self) -> dict[str, object]:

@@ -37,7 +37,7 @@ from rq import Worker
 from rq.suspension import is_suspended
 
 from worker.jobs import FrameQueue
-from worker.registry import ModelRegistry
+from worker.registry import ModelRegistry, RegistryError
 
 from .models import Readiness, WorkerInfo
 
@@ -48,7 +48,10 @@ def check_readiness(connection: Redis, queue: FrameQueue, stale_after_s: float =
     """Ready when at least one worker listening on `queue` is live (see the module docstring)."""
     workers = [_describe(w) for w in Worker.all(queue=queue)]
     live = [w for w in workers if _is_live(w, stale_after_s)]
-    model_version = ModelRegistry(connection).current()
+    try:
+        model_version = ModelRegistry(connection).current()
+    except RegistryError:  # a planted `current`: workers refuse it and keep serving; say so without echoing it
+        model_version = "invalid"
     queue_length = queue.count
     reason = None
     if is_suspended(connection):

@@ -7,8 +7,10 @@ deploy/poison.py.
 
 from __future__ import annotations
 
+import base64
 import signal
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from deploy import poison, workers
 from deploy.faults import RedisFaults
 from worker import rq_internals as rq
 from worker.frames import make_frame
-from worker.jobs import FrameJob, FrameQueue, enqueue_frames
+from worker.jobs import FrameJob, FrameQueue, enqueue_frames, read_result
 from worker.recovery import IntermediateWatch, recover_abandoned
 from worker.redis_server import RedisServer
 from worker.registry import ModelRegistry
@@ -334,3 +336,10 @@ def test_an_idle_worker_swaps_without_a_frame_and_prepares_each_version_once(tmp
         assert count_lines(log, "preparing it") == 1, "the same version was fetched and warmed more than once"
     finally:
         stop(proc)
+
+
+def test_a_planted_failure_text_bomb_is_read_with_a_bound(redis_conn):
+    bomb = base64.b64encode(zlib.compress(b"x" * (200 * 1024 * 1024), 9))  # 270 KB that inflates to 200 MB
+    result = read_result("j", "1-0", {b"type": b"2", b"exc_string": bomb,
+                                      b"created_at": b"2026-01-01T00:00:00.000000Z"}, redis_conn)
+    assert len(result.exc_string) == 64 * 1024

@@ -165,10 +165,10 @@ class BatchWorker(SimpleWorker):
 
     def _shutdown(self) -> None:
         # Never raise StopRequested from the signal handler, as RQ does when idle: raised between
-        # moving frames off the queue and claiming them, it would strand them. The dequeue loop
-        # looks at the flag at least every BLOCK_S.
+        # moving frames off the queue and claiming them, it would strand them. Nor call Redis from
+        # it: the interrupted code may hold the connection pool's lock. The dequeue loop looks at
+        # the flag at least every BLOCK_S.
         self._stop_requested = True
-        self._quietly(self.set_shutdown_requested_date)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:

@@ -20,6 +20,8 @@ which is, in plain RQ terms:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import zlib
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ from typing import Any
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.utils import now, parse_timeout, str_to_date
 
 from .frames import MAX_IMAGE_BYTES
@@ -183,6 +186,25 @@ def _inflate(raw: bytes, limit: int, truncate: bool = False) -> bytes:
     if inflater.unconsumed_tail and not truncate:
         raise ValueError(f"inflates past the limit of {limit} bytes")
     return out
+
+
+def read_result(job_id: str, result_id: str, payload: dict, connection: Redis) -> Result:
+    """RQ's `Result.restore` of one result-stream entry, without trusting it.
+
+    RQ inflates a failure's `exc_string` with no limit: a planted entry of 200 KB would become
+    200 MB in the reader. Here it is inflated to at most MAX_FIELD_BYTES first (the rest cut), and
+    the return value goes through the bounded msgpack serializer.
+    """
+    payload = dict(payload)
+    raw = payload.get(b"exc_string") or payload.get("exc_string")
+    if raw:
+        try:
+            text = _inflate(base64.b64decode(raw), MAX_FIELD_BYTES, truncate=True)
+        except (ValueError, binascii.Error):
+            text = b"(unreadable failure text)"
+        payload.pop("exc_string", None)
+        payload[b"exc_string"] = base64.b64encode(zlib.compress(text))
+    return Result.restore(job_id, result_id, payload, connection=connection, serializer=MsgpackSerializer)
 
 
 class FrameQueue(Queue):

@@ -1,17 +1,34 @@
 """Move captured samples from the Redis stream `continual:samples` into the store.
 
 A consumer group reads the stream; an entry is acknowledged (and deleted from the stream, which
-holds image bytes) only after its file is fsynced and its row committed. The caller holds the
-update lock, so any pending entry belongs to a dead ingester: it is claimed at once. A crash at any
-point loses nothing (unacknowledged entries stay pending) and a rerun duplicates nothing (rows are
-keyed by frame id, files by content hash).
+holds image bytes) only after its file is fsynced and its row committed. A crash at any point
+loses nothing (unacknowledged entries stay pending) and a rerun duplicates nothing (rows are keyed
+by frame id, files by content hash).
+
+Two ways to run it:
+
+* `ingest(conn, store)` drains the stream once; `continual.update` calls it first, under its lock,
+  and claims every pending entry at once (a live `--follow` service that had read one stores it
+  too: harmless, see the counting below).
+* `python -m continual.ingest --follow` is a long-running service (compose, Kubernetes, systemd):
+  it block-reads the group, stores and acknowledges, claims entries a dead consumer left pending
+  for longer than `--claim-idle`, rides through Redis outages of up to VQ_REDIS_OUTAGE_S (backoff,
+  one log line per change) and stops cleanly on SIGTERM/SIGINT after the batch in hand.
+
+Accounting, in the fleet-wide hash `vq:samples:counts` next to the feed's `added`: each entry is
+counted exactly once, by whoever's XACK removed it from the group's pending list, as `ingested`,
+`bad` (unparseable, not stored) or `deleted` (gone from the stream while pending: XAUTOCLAIM's
+deleted ids, or an entry read back without fields). So `added == ingested + deleted + bad + XLEN`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
+import threading
 from typing import Any
 
 import structlog
@@ -19,13 +36,39 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from worker.frames import FrameError, image_format
-from worker.sample_feed import SAMPLES_STREAM
+from worker.redis_health import RedisHealth, RedisOutageError, connect, is_transient
+from worker.sample_feed import SAMPLES_COUNTS, SAMPLES_STREAM
 
 from .store import SampleStore
 
 log = structlog.get_logger("visionqueue.ingest")
 
 GROUP = "continual"
+BLOCK_MS = 2_000  # one blocking read; well under the connection's socket timeout
+CLAIM_IDLE_MS = 60_000  # --follow claims another consumer's pending entry after this long
+
+# Acknowledge and delete one batch, counting each entry only if this XACK is the one that removed it
+# from the pending list (a concurrent ingester may have stored and acked it first). KEYS: stream,
+# counts hash. ARGV: group, then "i"/"b"/"d" (ingested, bad, deleted) and the id, per entry.
+_ACK_AND_COUNT = """
+local counts = {i = 0, b = 0, d = 0}
+for k = 2, #ARGV, 2 do
+    local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[k + 1])
+    counts[ARGV[k]] = counts[ARGV[k]] + n
+    redis.call('XDEL', KEYS[1], ARGV[k + 1])
+end
+if counts.i > 0 then redis.call('HINCRBY', KEYS[2], 'ingested', counts.i) end
+if counts.b > 0 then redis.call('HINCRBY', KEYS[2], 'bad', counts.b) end
+if counts.d > 0 then redis.call('HINCRBY', KEYS[2], 'deleted', counts.d) end
+return {counts.i, counts.b, counts.d}
+"""
+
+
+def outage_limit() -> float:
+    """VQ_REDIS_OUTAGE_S (default 120): how long ingest waits for Redis; SettingsError names a bad value."""
+    from worker.settings import redis_outage_s
+
+    return redis_outage_s()
 
 
 def ensure_group(conn: Redis, stream: str = SAMPLES_STREAM, group: str = GROUP) -> None:
@@ -57,63 +100,195 @@ def _row(fields: dict[bytes, bytes], store: SampleStore) -> dict[str, Any]:
     }
 
 
-def ingest(conn: Redis, store: SampleStore, batch: int = 256, stop_after: int | None = None) -> dict[str, int]:
-    """Drain the stream into the store; counts of rows added, entries acknowledged and bad entries."""
-    ensure_group(conn)
-    consumer = f"{socket.gethostname()}-{os.getpid()}"
-    counts = {"added": 0, "acked": 0, "bad": 0}
+def ingest(conn: Redis, store: SampleStore, batch: int = 256, stop_after: int | None = None,
+           health: RedisHealth | None = None) -> dict[str, int]:
+    """Drain the stream into the store; counts of rows added, entries acknowledged, bad and deleted entries.
+
+    With `health`, transient Redis errors are waited out (RedisOutageError past its limit).
+    """
+    ingester = _Ingester(conn, store, health or RedisHealth(outage_limit(), what="redis (ingest)"), batch)
+    ingester.ensure_group()
     # Pending entries of earlier (dead) ingesters first, then new ones.
-    start = "0-0"
-    while True:
-        start, claimed, *_ = conn.xautoclaim(SAMPLES_STREAM, GROUP, consumer, min_idle_time=0, start_id=start,
-                                             count=batch)
-        if claimed:
-            _store_entries(conn, store, claimed, counts)
-        if start in (b"0-0", "0-0"):
+    ingester.claim(min_idle_ms=0)
+    while stop_after is None or ingester.counts["acked"] < stop_after:
+        if not ingester.read_new(block_ms=None):
             break
-    while stop_after is None or counts["acked"] < stop_after:
-        response = conn.xreadgroup(GROUP, consumer, {SAMPLES_STREAM: ">"}, count=batch)
-        if not response:
-            break
-        _store_entries(conn, store, response[0][1], counts)
-    log.info("ingested samples", **counts)
-    return counts
+    log.info("ingested samples", **ingester.counts)
+    return dict(ingester.counts)
 
 
-def _store_entries(conn: Redis, store: SampleStore, entries: list, counts: dict[str, int]) -> None:
-    rows, ids = [], []
-    for entry_id, fields in entries:
-        ids.append(entry_id)
-        if not fields:  # deleted under us
-            continue
+def follow(conn: Redis, store: SampleStore, health: RedisHealth, stop: threading.Event, batch: int = 256,
+           claim_idle_ms: int = CLAIM_IDLE_MS, block_ms: int = BLOCK_MS) -> dict[str, int]:
+    """Ingest until `stop` is set: block-read new entries, and now and then claim abandoned ones.
+
+    Raises RedisOutageError when Redis stays away past `health`'s limit.
+    """
+    ingester = _Ingester(conn, store, health, batch, stop=stop)
+    log.info("ingest following", stream=SAMPLES_STREAM, group=GROUP, consumer=ingester.consumer,
+             max_outage_s=health.max_outage_s)
+    try:
+        ingester.ensure_group()
+        ingester.claim(min_idle_ms=claim_idle_ms)
+        reads = 0
+        while not stop.is_set():
+            ingester.read_new(block_ms=block_ms)
+            reads += 1
+            if reads % 30 == 0:  # about once a minute when idle: entries a dead consumer left pending
+                ingester.claim(min_idle_ms=claim_idle_ms)
+    except _Stopped:
+        pass
+    log.info("ingest stopped", **ingester.counts)
+    return dict(ingester.counts)
+
+
+class _Stopped(Exception):
+    """Stop was requested while waiting for Redis."""
+
+
+class _Ingester:
+    def __init__(self, conn: Redis, store: SampleStore, health: RedisHealth, batch: int,
+                 stop: threading.Event | None = None) -> None:
+        self.conn = conn
+        self.store = store
+        self.health = health
+        self.batch = batch
+        self.stop = stop
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.counts = {"added": 0, "acked": 0, "bad": 0, "deleted": 0}
+        self._ack = conn.register_script(_ACK_AND_COUNT)
+
+    def _redis(self, fn: Any) -> Any:
         try:
-            rows.append(_row(fields, store))
-        except (KeyError, ValueError, FrameError) as exc:
-            counts["bad"] += 1
-            log.warning("bad sample entry skipped", entry=entry_id, error=str(exc))
-    counts["added"] += store.add(rows)
-    # Only now, with files fsynced and rows committed, is the entry safe to forget.
-    with conn.pipeline(transaction=True) as pipe:
-        pipe.xack(SAMPLES_STREAM, GROUP, *ids)
-        pipe.xdel(SAMPLES_STREAM, *ids)
-        pipe.execute()
-    counts["acked"] += len(ids)
+            return self.health.call(fn, stop=self.stop)
+        except Exception as exc:
+            if self.stop is not None and self.stop.is_set() and is_transient(exc):
+                raise _Stopped from exc
+            raise
+
+    def ensure_group(self) -> None:
+        self._redis(lambda: ensure_group(self.conn))
+
+    def claim(self, min_idle_ms: int) -> None:
+        start = "0-0"
+        while True:
+            reply = self._redis(lambda s=start: self.conn.xautoclaim(
+                SAMPLES_STREAM, GROUP, self.consumer, min_idle_time=min_idle_ms, start_id=s, count=self.batch))
+            cursor, claimed = reply[0], reply[1]
+            # Redis 7 lists the ids of entries deleted while pending (already dropped from the PEL).
+            gone = reply[2] if len(reply) > 2 else []
+            if gone:
+                n_gone = len(gone)
+                self._redis(lambda n=n_gone: self.conn.hincrby(SAMPLES_COUNTS, "deleted", n))
+                self.counts["deleted"] += len(gone)
+                log.warning("pending samples were deleted from the stream before ingest", n=len(gone))
+            entries = [(i, f) for i, f in claimed if i is not None]
+            deleted: list[bytes] = []
+            if len(entries) < len(claimed):
+                # Redis 6.2 returns such an entry as (nil, nil) and keeps it pending: find its id.
+                deleted = self._deleted_pending(start, cursor)
+            if entries or deleted:
+                self._store_entries(entries, deleted)
+            start = cursor
+            if start in (b"0-0", "0-0"):
+                return
+
+    def _deleted_pending(self, lo: str | bytes, cursor: str | bytes) -> list[bytes]:
+        """Our pending ids in [lo, cursor) whose entry no longer exists in the stream."""
+        hi = "+" if cursor in (b"0-0", "0-0") else "(" + (cursor.decode() if isinstance(cursor, bytes) else cursor)
+        lo = lo.decode() if isinstance(lo, bytes) else lo
+        pending = self._redis(lambda: self.conn.xpending_range(SAMPLES_STREAM, GROUP, lo, hi, 10 * self.batch,
+                                                               consumername=self.consumer))
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return []
+
+        def probe() -> list[Any]:
+            with self.conn.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(SAMPLES_STREAM, entry_id, entry_id, count=1)
+                return pipe.execute()
+
+        # Only an id whose entry is really gone: a pending entry of ours that merely was not
+        # claimed this time (younger than min_idle) must not be taken for deleted.
+        return [i for i, found in zip(ids, self._redis(probe), strict=True) if not found]
+
+    def read_new(self, block_ms: int | None) -> bool:
+        """One read of new entries (blocking up to `block_ms`); False when there were none."""
+        response = self._redis(lambda: self.conn.xreadgroup(GROUP, self.consumer, {SAMPLES_STREAM: ">"},
+                                                            count=self.batch, block=block_ms))
+        if not response:
+            return False
+        self._store_entries(response[0][1])
+        return True
+
+    def _store_entries(self, entries: list, deleted: list[bytes] | None = None) -> None:
+        rows, args = [], [GROUP]
+        for entry_id in deleted or []:
+            args += ["d", entry_id]
+        for entry_id, fields in entries:
+            if not fields:  # deleted from the stream while pending (read back without fields)
+                args += ["d", entry_id]
+                continue
+            try:
+                rows.append(_row(fields, self.store))
+            except (KeyError, ValueError, FrameError) as exc:
+                args += ["b", entry_id]
+                log.warning("bad sample entry skipped", entry=entry_id, error=str(exc))
+                continue
+            args += ["i", entry_id]
+        self.counts["added"] += self.store.add(rows)
+        # Only now, with files fsynced and rows committed, is the entry safe to forget. Retrying the
+        # script after an ambiguous failure is safe: an entry already acked is not counted again.
+        _, bad, n_deleted = self._redis(lambda: self._ack(keys=[SAMPLES_STREAM, SAMPLES_COUNTS], args=args))
+        self.counts["acked"] += len(entries) + len(deleted or [])
+        self.counts["bad"] += bad
+        self.counts["deleted"] += n_deleted
+        if n_deleted:
+            log.warning("pending samples were deleted from the stream before ingest", n=n_deleted)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m continual.ingest",
-                                description="Drain continual:samples into the sample store.")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+                                description="Move continual:samples into the sample store: once (default), or as a "
+                                            "service with --follow.")
+    p.add_argument("--redis-url", help="default: REDIS_URL_FILE, else REDIS_URL, else redis://localhost:6379/0; "
+                                       "the password from REDIS_PASSWORD_FILE when set")
     p.add_argument("--store", help="sample store (default: $CONTINUAL_STORE or var/continual)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep running: block-read new samples, ride through Redis outages (VQ_REDIS_OUTAGE_S), "
+                        "stop on SIGTERM")
+    p.add_argument("--claim-idle", type=float, default=CLAIM_IDLE_MS / 1000, metavar="SEC",
+                   help="with --follow: take over entries another consumer left pending this long (default 60)")
     a = p.parse_args(argv)
     from worker.logs import configure_logging
+    from worker.settings import SettingsError
 
-    configure_logging()
-    with SampleStore(a.store) as store:
-        print(json.dumps(ingest(Redis.from_url(a.redis_url), store)))
-    return 0
+    try:
+        configure_logging()
+        max_outage_s = outage_limit()
+        conn = connect(a.redis_url)  # REDIS_URL_FILE / REDIS_PASSWORD_FILE: a SettingsError names the variable
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    health = RedisHealth(max_outage_s, what="redis (ingest)")
+    try:
+        with SampleStore(a.store) as store:
+            if not a.follow:
+                print(json.dumps(ingest(conn, store, health=health)))
+                return 0
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            follow(conn, store, health, stop, claim_idle_ms=int(a.claim_idle * 1000))
+            return 0
+    except RedisOutageError as exc:
+        log.error("ingest gave up: Redis stayed unavailable", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from redis import Redis
-
+from worker.redis_health import connect
 from worker.registry import ModelRegistry, RegistryError
+from worker.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m continual.rollback", description=__doc__)
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    p.add_argument("--redis-url", help="default: REDIS_URL_FILE, else REDIS_URL (password: REDIS_PASSWORD_FILE)")
     p.add_argument("--to", help="the version to serve (default: the one promoted before the current one)")
     a = p.parse_args(argv)
-    registry = ModelRegistry(Redis.from_url(a.redis_url))
+    try:
+        registry = ModelRegistry(connect(a.redis_url))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         before = registry.current()
     except RegistryError as exc:  # a planted `current`: still repairable with --to

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STORE = "var/continual"
-HOLDOUT_PCT = int(os.environ.get("CONTINUAL_HOLDOUT_PCT", 20))
+from worker.settings import ROWS, setting
+
+DEFAULT_STORE: str = ROWS["CONTINUAL_STORE"].default
+HOLDOUT_PCT: int = ROWS["CONTINUAL_HOLDOUT_PCT"].default  # the table's default; CONTINUAL_HOLDOUT_PCT overrides it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -53,11 +55,14 @@ CREATE INDEX IF NOT EXISTS samples_station ON samples(station);
 
 
 def store_root(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("CONTINUAL_STORE") or DEFAULT_STORE)
+    """`path`, else CONTINUAL_STORE, else var/continual."""
+    return Path(path) if path else setting("CONTINUAL_STORE")
 
 
-def split_for(sha256: str, holdout_pct: int = HOLDOUT_PCT) -> str:
-    return "holdout" if int(sha256[:8], 16) % 100 < holdout_pct else "train"
+def split_for(sha256: str, holdout_pct: int | None = None) -> str:
+    """Holdout or train, by content hash; `holdout_pct` None: CONTINUAL_HOLDOUT_PCT (checked, 0–100)."""
+    pct = setting("CONTINUAL_HOLDOUT_PCT") if holdout_pct is None else holdout_pct
+    return "holdout" if int(sha256[:8], 16) % 100 < pct else "train"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
   1. take a Redis lock (a second run exits 0: "another update is running")
   2. ingest `continual:samples` into the store; below --min-new-labels: "nothing to do", exit 0
   3. fine-tune the current model's float weights on the new labels + a class-balanced replay buffer
-     (the trainer's recipe; a class first seen in review grows the head)
+     (the trainer's recipe; a class first seen in review grows the head). The checkpoint kept is the
+     one with the best validation score of what the gate judges (accuracy, or macro-F1), never a
+     smoothed loss, and early stopping waits --min-epochs: the first epochs of a fine-tune are its
+     warm-up, and a low loss there says little about what the gate will see
   4. recalibrate; evaluate candidate and current model on the original and the new holdout
   5. gate (continual.gate): a verdict with reasons
   6. quantize, publish, promote; a report (JSON, markdown, confusion matrices) in the run folder
@@ -14,21 +17,25 @@ before publishing.
 
 from __future__ import annotations
 
+import _thread
 import argparse
-import contextlib
 import json
-import os
+import math
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import structlog
 from redis import Redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
 
 from worker.artifact import FLOAT_FILE, read_manifest
+from worker.redis_health import RedisHealth, RedisOutageError, connect, is_transient
 from worker.registry import ModelRegistry
 
 from .gate import GateConfig, Verdict, judge
@@ -38,54 +45,211 @@ from .store import SampleStore
 log = structlog.get_logger("visionqueue.update")
 
 LOCK_KEY = "vq:continual:update-lock"
+# Short, and renewed while the update works: a dead updater blocks the next run for a minute, not hours.
+LOCK_TTL_S = 60
+REDIS_SOCKET_TIMEOUT_S = 30.0  # fetching a model's float weights is one large GET
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
+
+# The fine-tune's defaults (deploy/update_bench.py measures them over seeds; README "The demo").
+REPLAY = 400
+EPOCHS = 8
+MIN_EPOCHS = 4
+PATIENCE = 3
+SELECT_BY = "accuracy"
+LR = 3e-4
+WARMUP_EPOCHS = 1
+FREEZE_BN = False
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m continual.update", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    p.add_argument("--redis-url", help="default: $REDIS_URL_FILE, else $REDIS_URL (password: $REDIS_PASSWORD_FILE)")
     p.add_argument("--store", help="sample store (default: $CONTINUAL_STORE or var/continual)")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("CONTINUAL_RUNS", "var/updates")),
-                   help="where update runs are written")
-    p.add_argument("--base-split", type=Path, default=os.environ.get("CONTINUAL_BASE_SPLIT") or None,
+    p.add_argument("--out", type=Path, default=None,
+                   help="where update runs are written (default: $CONTINUAL_RUNS, else var/updates)")
+    p.add_argument("--base-split", type=Path, default=None,
                    help="split.json of the original training data: its test part is the original holdout, "
-                        "its train part feeds the replay buffer")
+                        "its train part feeds the replay buffer (default: $CONTINUAL_BASE_SPLIT)")
     p.add_argument("--min-new-labels", type=int, default=50)
-    p.add_argument("--replay", type=int, default=400, help="replay buffer size (class-balanced)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--replay", type=int, default=REPLAY, help=f"replay buffer size (class-balanced; default {REPLAY})")
+    g.add_argument("--epochs", type=int, default=EPOCHS, help=f"at most (default {EPOCHS})")
+    g.add_argument("--min-epochs", type=int, default=MIN_EPOCHS,
+                   help=f"early stopping never stops before (default {MIN_EPOCHS})")
+    g.add_argument("--patience", type=int, default=PATIENCE,
+                   help=f"epochs without a better validation score before stopping (default {PATIENCE})")
+    g.add_argument("--select-by", default=SELECT_BY, choices=["accuracy", "macro_f1", "loss"],
+                   help="validation metric for the checkpoint and early stopping (default accuracy: what the gate "
+                        "judges)")
+    g.add_argument("--lr", type=float, default=LR, help=f"fine-tuning learning rate (default {LR})")
+    g.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS)
+    g.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=FREEZE_BN,
+                   help="keep the current model's batch-norm statistics")
+    g.add_argument("--min-crop", type=float,
+                   help="RandomResizedCrop's smallest area share (default: the current model's own training value)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--tolerance", type=float, default=1.0, help="allowed drop on the original holdout (points)")
     p.add_argument("--max-int8-drop", type=float, default=1.0, help="points")
     p.add_argument("--max-latency-ratio", type=float, default=1.5)
     p.add_argument("--min-new-holdout", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lock-ttl", type=int, default=4 * 3600, help="seconds before a dead run's lock expires")
+    p.add_argument("--lock-ttl", type=int, default=LOCK_TTL_S,
+                   help=f"seconds a dead run's lock outlives it; a live run renews it every third of that "
+                        f"(default {LOCK_TTL_S})")
     p.add_argument("--dry-run", action="store_true", help="train and judge, but publish nothing")
     return p
 
 
+class UpdateLock:
+    """The update lock: a key with a short TTL that a background thread renews while this process works.
+
+    Why not one long TTL: a SIGKILLed updater would block every later run for that long. Here a
+    dead one's lock expires within `ttl_s`, and a live one renews every `ttl_s / 3`. Redis faults
+    are waited out (the lock key survives a restart that replays its AOF); if the key expired while
+    Redis was away, the keeper takes it again when nobody else has. If someone else holds it by
+    then, the lock is lost: `on_lost` is called (the updater stops before publishing).
+    """
+
+    def __init__(self, conn: Redis, ttl_s: float, health: RedisHealth,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        if ttl_s < 3:
+            raise ValueError(f"the lock TTL must be at least 3 s, got {ttl_s}")
+        self.conn = conn
+        self.ttl_s = ttl_s
+        self.health = health
+        self.on_lost = on_lost
+        # Not thread-local: the keeper thread renews the token the main thread acquired.
+        self.lock = conn.lock(LOCK_KEY, timeout=ttl_s, blocking=False, thread_local=False)
+        self.token = uuid.uuid4().hex.encode()
+        self.renewals = 0
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        # The keeper never gives up on its own: while Redis is away, renewing is all it can do.
+        self._keeper_health = RedisHealth(math.inf, what="redis (update lock)")
+
+    def acquire(self) -> bool:
+        """True when this process now holds the lock (and is renewing it); False when another run does."""
+
+        def attempt() -> bool:
+            # After an ambiguous failure the first SET NX may have worked: then the key holds our token.
+            return bool(self.lock.acquire(token=self.token)) or self.conn.get(LOCK_KEY) == self.token
+
+        if not self.health.call(attempt):
+            return False
+        self._keeper = threading.Thread(target=self._keep, name="vq-update-lock", daemon=True)
+        self._keeper.start()
+        return True
+
+    def _keep(self) -> None:
+        delay = self.ttl_s / 3
+        while not self._stop.wait(delay):
+            try:
+                self._renew()
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("update lock: renewing failed")
+                    delay = self.ttl_s / 3
+                    continue
+                delay = min(self._keeper_health.failed(exc), self.ttl_s / 3)
+                continue
+            self._keeper_health.succeeded()
+            delay = self.ttl_s / 3
+            if self.lost.is_set():
+                return
+
+    def _renew(self) -> None:
+        try:
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            # Expired while Redis was away (or was flushed): take it again unless another run did.
+            if self.lock.acquire(token=self.token) or self.conn.get(LOCK_KEY) == self.token:
+                log.warning("update lock expired while Redis was unavailable; taken again", ttl_s=self.ttl_s)
+            else:
+                log.error("update lock lost: another update holds it now; stopping before publishing")
+                self.lost.set()
+                if self.on_lost is not None:
+                    self.on_lost()
+                return
+        self.renewals += 1
+
+    def release(self) -> None:
+        """Stop renewing and delete the key; if Redis is away, it expires by itself within the TTL."""
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=10)
+        if self.lost.is_set():
+            return
+        try:
+            self.lock.release()
+        except LockError:
+            pass  # expired and maybe taken by another run: not ours to delete
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("update lock not released (Redis unavailable); it expires by itself", ttl_s=self.ttl_s)
+
+
+class _PatientRedis(Redis):
+    """A client whose single commands wait out transient Redis faults (backoff, up to the outage limit).
+
+    Safe here because every single command the update sends is a read or an idempotent write (GET,
+    ZSCORE, LRANGE, SCAN, LREM, XAUTOCLAIM, the ingest's ack script). Pipelines (the registry's
+    publish and promote transactions) are not retried: a blip there fails this run, and the next
+    scheduled run starts again.
+    """
+
+    health: RedisHealth
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        return self.health.call(lambda: super(_PatientRedis, self).execute_command(*args, **options))
+
+
 def main(argv: list[str] | None = None) -> int:
     from worker.logs import configure_logging
+    from worker.settings import SettingsError, continual_settings, redis_outage_s
 
     args = get_args_parser().parse_args(argv)
-    configure_logging()
-    conn = Redis.from_url(args.redis_url)
-    lock = conn.lock(LOCK_KEY, timeout=args.lock_ttl, blocking=False)
-    if not lock.acquire():
-        print("another update is running; nothing to do", flush=True)
-        return EXIT_OK
+    try:
+        configure_logging()
+        max_outage_s = redis_outage_s()
+        loop_settings = continual_settings()
+        args.out = args.out or loop_settings.runs
+        args.base_split = args.base_split or (Path(loop_settings.base_split) if loop_settings.base_split else None)
+        if args.lock_ttl < 3:
+            raise SettingsError(f"--lock-ttl={args.lock_ttl} must be at least 3 seconds")
+        # Socket timeouts: a paused or partitioned server fails a call (then waited out) instead of hanging.
+        plain = connect(args.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    except SettingsError as exc:  # includes a missing or unreadable password file
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    health = RedisHealth(max_outage_s, what="redis (update)")
+    conn = _PatientRedis(connection_pool=plain.connection_pool)
+    conn.health = health
+    lock = UpdateLock(plain, args.lock_ttl, health, on_lost=_thread.interrupt_main)
+    try:
+        if not lock.acquire():
+            print("another update is running; nothing to do", flush=True)
+            return EXIT_OK
+    except RedisOutageError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     try:
         return run_update(args, conn)
+    except KeyboardInterrupt:
+        if not lock.lost.is_set():
+            raise
+        print("error: lost the update lock to another run; stopped without publishing", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except Exception as exc:
         log.exception("update failed")
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     finally:
-        with contextlib.suppress(LockError):  # expired under a very long run: nothing to release
-            lock.release()
+        lock.release()
+        plain.close()
 
 
 def run_update(args: argparse.Namespace, conn: Redis) -> int:
@@ -134,10 +298,20 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
         weights = grow_head(current, manifest, data.classes, run / "grown.safetensors")
     h, w = manifest["input_size"]
     backend = (manifest.get("quantization") or {}).get("backend")
+    parent = manifest.get("training") or {}
+    # The parent's augmentation: a crop it never trained on could cut out the defects it learned.
+    min_crop = args.min_crop if args.min_crop is not None else parent.get("min_crop")
     argv = ["--out", str(run / "train"), "--split-file", str(run / "split.json"), "--arch", manifest["arch"],
             "--input-size", f"{h}x{w}", "--weights", str(weights), "--epochs", str(args.epochs),
-            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--warmup-epochs", "1",
-            "--patience", "3", "--seed", str(args.seed), "--parent-version", manifest["version"]]
+            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--warmup-epochs", str(args.warmup_epochs),
+            "--patience", str(args.patience), "--min-epochs", str(args.min_epochs), "--select-by", args.select_by,
+            "--seed", str(args.seed), "--parent-version", manifest["version"]]
+    if min_crop is not None:
+        argv += ["--min-crop", str(min_crop)]
+    if parent.get("trivial_augment"):
+        argv += ["--trivial-augment"]
+    if args.freeze_bn:
+        argv += ["--freeze-bn"]
     if backend:
         argv += ["--int8-backend", backend]
     else:

@@ -28,8 +28,10 @@ from pathlib import Path
 from redis import Redis
 
 from worker.artifact import read_manifest
+from worker.redis_health import mask_url, resolve_url
 from worker.redis_server import RedisServer
 from worker.registry import ModelRegistry
+from worker.settings import redis_configured
 
 from .cameras import SimulatedCamera, labelled_images
 from .monitor import Monitor, write_report
@@ -87,9 +89,9 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        url = os.environ.get("REDIS_URL")
-        if url:
-            say(f"using Redis at {url}")
+        if redis_configured():
+            url = resolve_url()  # REDIS_PASSWORD_FILE too; shown only masked
+            say(f"using Redis at {mask_url(url)}")
         else:
             url = stack.enter_context(RedisServer()).url
             say(f"started an embedded redis-server at {url}")
@@ -188,12 +190,8 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         # 6. update while frames keep flowing, then the swap
         monitor.phase = "continual.update running"
         monitor.mark("python -m continual.update starts")
-        cmd = [sys.executable, "-m", "continual.update", "--redis-url", url, "--store", str(store_dir),
-               "--out", str(work / "updates"), "--base-split", str(run_dir / "split.json"),
-               "--min-new-labels", str(prof.min_labels // 2), "--epochs", str(prof.update_epochs),
-               "--replay", str(prof.replay), "--threads", "2",
-               # The demo's holdouts are a few hundred images, where 1 point is 3 frames: allow 2 for int8.
-               "--max-int8-drop", "2"]
+        cmd = [sys.executable, "-m", "continual.update",
+               *update_argv(prof, url, store_dir, work / "updates", run_dir / "split.json")]
         log_path = out / "update.log"
         with open(log_path, "w") as log_file:
             update = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
@@ -251,6 +249,15 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         say(f"  {k}: {v}")
     say(f"wrote {summary} and plots in {out}/; stopped every process the demo started")
     return 0 if lost == 0 else 1
+
+
+def update_argv(prof: Profile, url: str, store: Path, out: Path, base_split: Path) -> list[str]:
+    """The demo's `continual.update` flags (deploy.update_bench replays the same update over seeds)."""
+    return ["--redis-url", url, "--store", str(store), "--out", str(out), "--base-split", str(base_split),
+            "--min-new-labels", str(prof.min_labels // 2), "--epochs", str(prof.update_epochs),
+            "--replay", str(prof.replay), "--threads", "2",
+            # The demo's holdouts are a few hundred images, where 1 point is 3 frames: allow 2 for int8.
+            "--max-int8-drop", "2"]
 
 
 def _fmt(cell: tuple[int, float] | None) -> str:

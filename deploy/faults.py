@@ -160,7 +160,10 @@ class RedisFaults:
     def _offsets_match(self, master: Redis, replica: Redis) -> bool:
         m = master.info("replication")
         rep = replica.info("replication")
-        return rep.get("master_link_status") == "up" and rep.get("slave_repl_offset") == m.get("master_repl_offset")
+        # FAILOVER also needs the master to list the replica as online, which can trail the replica's own view.
+        online = any(isinstance(v, dict) and v.get("state") == "online" for k, v in m.items() if k.startswith("slave"))
+        return online and rep.get("master_link_status") == "up" and \
+            rep.get("slave_repl_offset") == m.get("master_repl_offset")
 
     def _failover(self, master_port: int, to_port: int, timeout: float) -> None:
         """Coordinated FAILOVER from master_port to its replica to_port; returns when roles have swapped."""

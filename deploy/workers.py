@@ -22,8 +22,9 @@ def start_worker(redis_url: str, name: str, env: dict[str, str] | None = None, w
     """`rq worker` in its own process group (so a signal reaches it and nothing else)."""
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env["RQ_REDIS_URL"] = redis_url  # rq's own variable: a password never shows on a command line
     return subprocess.Popen(
-        [RQ, "worker", *(worker_args or BATCH_WORKER), "-u", redis_url, "--name", name, queue],
+        [RQ, "worker", *(worker_args or BATCH_WORKER), "--name", name, queue],
         env=child_env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
         text=True, start_new_session=True,
     )

@@ -18,26 +18,40 @@ late fails it with FrameExpired (outcome "failed"). With `max_pending`,
 `has_room()` says whether another frame fits and the submit methods raise `BacklogFull` when
 it does not, so a camera can drop frames instead of building a queue the workers never catch up
 with.
+
+Redis faults (a restart, a refused connection, READONLY after a failover, OOM, LOADING, a paused
+server) are waited out, with backoff, for up to `max_outage_s` (default VQ_REDIS_OUTAGE_S, 120 s),
+in `submit_*` and in `wait`; past that they raise `RedisOutageError`. With `wait_for_redis=False`
+(per producer or per call) a transient error is raised at once instead, for a caller that would
+rather drop the frame. A retried submit never makes a second job: frames whose job already
+exists (the earlier attempt did reach Redis, only its reply was lost) are left as they are.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError, WatchError
 
 from worker.frames import make_frame
-from worker.jobs import QUEUE_NAME, RESULT_TTL, FrameQueue, enqueue_frames
+from worker.jobs import QUEUE_NAME, RESULT_TTL, FrameJob, FrameQueue, enqueue_frames
+from worker.redis_health import RedisHealth, RedisOutageError, is_transient
 
 from .backlog import InflightTracker
-from .connection import connect
+from .connection import connect, outage_limit
 from .images import check_image, encode_jpeg
 from .results import Outcome, wait_for_results
 
-__all__ = ["BacklogFull", "Outcome", "Producer"]
+__all__ = ["BacklogFull", "Outcome", "Producer", "RedisOutageError"]
+
+# Attempts at the check-and-enqueue transaction when another client touches the same job keys
+# between the check and the write (only a concurrent resend of the same frame ids does that).
+_WATCH_ATTEMPTS = 5
 
 
 class BacklogFull(RuntimeError):
@@ -60,17 +74,25 @@ class Producer:
         max_pending: int | None = None,
         result_ttl: int = RESULT_TTL,
         queue_name: str = QUEUE_NAME,
+        max_outage_s: float | None = None,
+        wait_for_redis: bool = True,
     ) -> None:
         if deadline_s is not None and deadline_s <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+        if max_outage_s is not None and not max_outage_s > 0:
+            raise ValueError(f"max_outage_s must be positive, got {max_outage_s}")
         self._owns_connection = not isinstance(redis, Redis)
         self.connection = connect(redis)
         self.station = station
         self.deadline_s = deadline_s
         self.result_ttl = result_ttl
+        self.wait_for_redis = wait_for_redis
+        self.health = RedisHealth(outage_limit() if max_outage_s is None else max_outage_s, what="redis (producer)")
         self.queue = FrameQueue(queue_name, connection=self.connection)
         self._inflight = InflightTracker(self.connection, max_pending) if max_pending else None
         self._seq = itertools.count()
+        # Frames a retry found already in Redis: the earlier attempt had reached it.
+        self.already_enqueued = 0
 
     # -- building frames ---------------------------------------------------------------------------
 
@@ -99,10 +121,30 @@ class Producer:
 
     # -- sending -----------------------------------------------------------------------------------
 
-    def submit_frames(self, frames: Sequence[dict[str, Any]]) -> list[str]:
-        """Enqueue frames made with `make_frame`, one job each, in one round trip; their job ids."""
+    def submit_frames(
+        self,
+        frames: Sequence[dict[str, Any]],
+        *,
+        wait_for_redis: bool | None = None,
+        stop: threading.Event | None = None,
+    ) -> list[str]:
+        """Enqueue frames made with `make_frame`, one job each, in one transaction; their job ids.
+
+        When this returns, Redis has every frame. Transient Redis errors are waited out (see the
+        module docstring); `stop` set while waiting raises the last error instead.
+        """
         if not frames:
             return []
+        wait = self.wait_for_redis if wait_for_redis is None else wait_for_redis
+        if not wait:
+            # The caller decides what a failure means (a camera drops the frame and backs off
+            # through `self.health.failed`); a success still tells the health that Redis is back.
+            ids = self._submit_once(frames)
+            self.health.succeeded()
+            return ids
+        return self.health.call(lambda: self._submit_once(frames), stop=stop)
+
+    def _submit_once(self, frames: Sequence[dict[str, Any]]) -> list[str]:
         if self._inflight is not None and not self._inflight.has_room(len(frames)):
             raise BacklogFull(
                 f"{len(self._inflight)} frames of station {self.station!r} are still pending "
@@ -111,17 +153,61 @@ class Producer:
         # The job ttl drops a frame nobody took before its deadline out of Redis entirely;
         # RQ counts it in whole seconds, so round up rather than expire a frame early.
         ttl = None if self.deadline_s is None else math.ceil(self.deadline_s)
-        jobs = enqueue_frames(self.queue, frames, ttl=ttl, result_ttl=self.result_ttl)
-        ids = [job.id for job in jobs]
+        ids = [frame["id"] for frame in frames]
+        fresh = self._enqueue_new(frames, ttl)
         if self._inflight is not None:
-            self._inflight.add(ids)
+            self._inflight.add(fresh)
         return ids
 
+    def _enqueue_new(self, frames: Sequence[dict[str, Any]], ttl: int | None) -> list[str]:
+        """Enqueue the frames whose job does not exist yet, atomically with that check; their ids.
+
+        Why: RQ's enqueue of an existing job id overwrites the job hash (status back to queued) and
+        pushes the id again, so a resend after an ambiguous failure (the reply lost, the write
+        done) would run the frame twice or undo its result. WATCH on the job keys, read which
+        exist, then MULTI/EXEC the rest: if anyone writes one of them in between, EXEC does
+        nothing and the check runs again.
+        """
+        keys = [FrameJob.key_for(frame["id"]) for frame in frames]
+        for _ in range(_WATCH_ATTEMPTS):
+            with self.connection.pipeline(transaction=True) as pipe:
+                pipe.watch(*keys)
+                # One round trip for all the checks, on another connection; the WATCH above is already
+                # in place, so a change after this read still aborts the EXEC below.
+                with self.connection.pipeline(transaction=False) as check:
+                    for key in keys:
+                        check.exists(key)
+                    exists = check.execute()
+                new = [frame for frame, known in zip(frames, exists, strict=True) if not known]
+                self.already_enqueued += len(frames) - len(new)
+                if not new:
+                    return []
+                pipe.multi()
+                enqueue_frames(self.queue, new, ttl=ttl, result_ttl=self.result_ttl, pipeline=pipe)
+                try:
+                    pipe.execute()
+                except WatchError as exc:
+                    self.already_enqueued -= len(frames) - len(new)
+                    # redis-py turns a connection error or timeout during a watched EXEC into a
+                    # WatchError: that is an outage (the caller's backoff), not a concurrent write.
+                    if isinstance(exc.__context__, RedisError) and is_transient(exc.__context__):
+                        raise exc.__context__ from None
+                    continue
+                return [frame["id"] for frame in new]
+        raise RuntimeError(f"could not enqueue {len(frames)} frames: their job keys kept changing")
+
     def submit_bytes(
-        self, data: bytes, *, seq: int | None = None, meta: dict[str, Any] | None = None, ts: float | None = None
+        self,
+        data: bytes,
+        *,
+        seq: int | None = None,
+        meta: dict[str, Any] | None = None,
+        ts: float | None = None,
+        wait_for_redis: bool | None = None,
     ) -> str:
         """Send one encoded JPEG or PNG image; the job id (= frame id)."""
-        return self.submit_frames([self.make_frame(data, seq=seq, meta=meta, ts=ts)])[0]
+        frame = self.make_frame(data, seq=seq, meta=meta, ts=ts)
+        return self.submit_frames([frame], wait_for_redis=wait_for_redis)[0]
 
     def submit_array(
         self,
@@ -131,9 +217,11 @@ class Producer:
         meta: dict[str, Any] | None = None,
         ts: float | None = None,
         jpeg_quality: int = 90,
+        wait_for_redis: bool | None = None,
     ) -> str:
         """Send an 8-bit image array in OpenCV's BGR order (see `images.encode_jpeg`), as JPEG."""
-        return self.submit_bytes(encode_jpeg(image, jpeg_quality), seq=seq, meta=meta, ts=ts)
+        return self.submit_bytes(encode_jpeg(image, jpeg_quality), seq=seq, meta=meta, ts=ts,
+                                 wait_for_redis=wait_for_redis)
 
     def submit_many(
         self, images: Iterable[Any], *, meta: dict[str, Any] | None = None, jpeg_quality: int = 90
@@ -152,7 +240,8 @@ class Producer:
     def has_room(self, n: int = 1) -> bool:
         """Whether `n` more frames fit under `max_pending` (always True without a bound).
 
-        Costs no Redis call while there is room, one pipelined round trip at the bound.
+        Costs no Redis call while there is room, one pipelined round trip at the bound. A Redis
+        error is raised as it is (this is a probe: the caller decides whether to wait or drop).
         """
         return self._inflight is None or self._inflight.has_room(n)
 
@@ -169,8 +258,10 @@ class Producer:
         Each outcome has `ok`, `result` (the worker's dict: label, confidence, topk,
         model_version, timings, …), or `status` and `error` (the worker's traceback for a
         failure, "expired" when the job left Redis unprocessed). `list(p.wait(ids))` collects all.
+        A Redis outage is waited out like in `submit_frames` (RedisOutageError past the limit);
+        `timeout` still bounds the whole wait.
         """
-        return wait_for_results(self.connection, job_ids, timeout=timeout, interval=interval)
+        return wait_for_results(self.connection, job_ids, timeout=timeout, interval=interval, health=self.health)
 
     # -- lifetime ----------------------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ each interval is sent, so the station never ships stale buffered frames; a file 
 `fps` instead, frame by frame. When a live source cannot be opened or stops delivering, it is
 reopened after a capped exponential backoff; a file ends at end of file (or restarts, with
 `loop`). Frames the workers have no room for (`max_pending`) are skipped and counted, as are
-frames that arrive while Redis is unreachable.
+frames that arrive while Redis is unavailable (down, restarting, READONLY, OOM, LOADING, paused):
+the camera never waits for Redis, it drops those frames (`skipped_redis`), tries again after a
+jittered backoff, and logs once when Redis goes away and once when it is back.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +22,10 @@ from typing import Any
 
 import structlog
 
+from worker.redis_health import RedisHealth, is_transient
+
 from .api import BacklogFull, Producer
 from .backoff import Backoff
-from .connection import REDIS_DOWN
 
 log = structlog.get_logger("producer.camera")
 
@@ -86,11 +90,15 @@ class CameraStreamer:
         self.opener = opener
         self.live = is_live(options.source)
         self.backoff = Backoff(options.backoff_initial, options.backoff_max)
-        self.redis_backoff = Backoff(options.backoff_initial, options.backoff_max)
+        # No outage limit: dropping frames while Redis is away is the camera's policy, and giving
+        # up would only restart a process that would drop them all the same.
+        self.redis_health = RedisHealth(math.inf, on_change=self._redis_changed, base_delay=options.backoff_initial,
+                                        max_delay=options.backoff_max, what="redis (camera)")
         self.counters = {
             "captured": 0, "sent": 0, "skipped_backlog": 0, "skipped_redis": 0,
-            "skipped_invalid": 0, "reconnects": 0, "read_failures": 0, "loops": 0,
+            "skipped_invalid": 0, "reconnects": 0, "read_failures": 0, "loops": 0, "redis_outages": 0,
         }
+        self._skipped_at_outage = 0
         self._failures = 0  # consecutive failed opens/reads
         self._redis_retry_at = 0.0
         self._next_due = 0.0
@@ -182,24 +190,36 @@ class CameraStreamer:
         try:
             if not self.producer.has_room():  # checked before encoding: a skipped frame costs nothing
                 self.counters["skipped_backlog"] += 1
+                self.redis_health.succeeded()
                 return
-            self.producer.submit_array(frame, ts=ts, jpeg_quality=self.options.jpeg_quality)
+            self.producer.submit_array(frame, ts=ts, jpeg_quality=self.options.jpeg_quality, wait_for_redis=False)
         except BacklogFull:
             self.counters["skipped_backlog"] += 1
+            self.redis_health.succeeded()
             return
         except ValueError as exc:  # FrameError too: e.g. a 16-bit frame, or one over the size limit
             self.counters["skipped_invalid"] += 1
             if self.counters["skipped_invalid"] == 1:  # once: a bad source repeats the same fault
                 self._log.warning("camera.frame_not_sent", error=str(exc))
             return
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Dropped by policy; the health logs the outage once and sets the next attempt's time.
             self.counters["skipped_redis"] += 1
-            delay = self.redis_backoff.next()
-            self._redis_retry_at = now + delay
-            self._log.warning("camera.redis_unreachable", error=str(exc), retry_in_s=round(delay, 3))
+            self._redis_retry_at = now + self.redis_health.failed(exc)
             return
-        self.redis_backoff.reset()
+        self.redis_health.succeeded()
         self.counters["sent"] += 1
+
+    def _redis_changed(self, up: bool) -> None:
+        if up:
+            self._log.warning("camera.redis_back", skipped_during_outage=self.counters["skipped_redis"]
+                              - self._skipped_at_outage, **self.counters)
+        else:
+            self.counters["redis_outages"] += 1
+            self._skipped_at_outage = self.counters["skipped_redis"] - 1  # the frame that just failed counts
+            self._log.warning("camera.redis_unavailable", policy="dropping frames until Redis is back")
 
     def _wait_before_retry(self, why: str) -> bool:
         """Back off before reopening; False when the attempts are used up or we were stopped."""

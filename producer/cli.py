@@ -7,6 +7,7 @@ instant and nothing here can pull in torch.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -15,10 +16,14 @@ from collections.abc import Sequence
 from .connection import DEFAULT_REDIS_URL
 
 EPILOG = f"""\
-Redis: --redis-url, else the REDIS_URL environment variable, else {DEFAULT_REDIS_URL}.
+Redis: --redis-url, else the file named by REDIS_URL_FILE, else REDIS_URL, else {DEFAULT_REDIS_URL};
+the password from the file named by REDIS_PASSWORD_FILE when set (the URL then names the user only).
 Logs go to stderr: JSON when stderr is not a terminal (VQ_LOG_FORMAT=json|console overrides).
+Redis faults (restart, refused connection, READONLY, OOM, LOADING, a pause) are waited out with
+backoff for up to VQ_REDIS_OUTAGE_S seconds (default 120) by files and watch; a camera drops and
+counts frames while Redis is away and never gives up on it.
 Exit status: 0 success; 1 some frames failed or were not sent, or the camera gave up
-reconnecting; 2 bad arguments or nothing to do; 3 Redis unreachable.
+reconnecting; 2 bad arguments, a bad setting or nothing to do; 3 Redis unavailable past the limit.
 """
 
 
@@ -50,7 +55,8 @@ def _quality(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--redis-url", help=f"Redis to send to (default: $REDIS_URL or {DEFAULT_REDIS_URL})")
-    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: $VQ_LOG_LEVEL, else info")
 
     parser = argparse.ArgumentParser(
         prog="python -m producer",
@@ -122,24 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+
+    from worker.redis_health import RedisOutageError, is_transient
+    from worker.settings import SettingsError
+
     from . import logs
-
-    logs.configure(args.log_level)
     from .api import Producer
-    from .connection import REDIS_DOWN, redis_url
+    from .connection import mask_url, outage_limit, redis_url
 
-    url = redis_url(args.redis_url)
+    shown = "<redis url>"
     try:
+        logs.configure(args.log_level)  # VQ_LOG_*: a bad value is a SettingsError like any other setting
+        url = redis_url(args.redis_url)  # may read REDIS_URL_FILE / REDIS_PASSWORD_FILE: a SettingsError
+        shown = mask_url(url)  # never print a password: these lines end up in journals and CI logs
+        max_outage_s = outage_limit()
         if args.command == "files":
             from .files import send_files
 
-            with Producer(url, station=args.station) as producer:
+            with Producer(url, station=args.station, max_outage_s=max_outage_s) as producer:
                 return send_files(producer, args.paths, wait=args.wait, timeout=args.timeout)
         if args.command == "camera":
             return _camera(args, url)
-        return _watch(args, url)
-    except REDIS_DOWN as exc:
-        print(f"error: cannot reach Redis at {url}: {exc}", file=sys.stderr)
+        return _watch(args, url, max_outage_s)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RedisOutageError as exc:
+        print(f"error: Redis at {shown} stayed unavailable: {exc}", file=sys.stderr)
+        return 3
+    except (AuthenticationError, AuthorizationError) as exc:
+        print(f"error: Redis at {shown} refused our credentials: {exc}", file=sys.stderr)
+        return 3
+    except RedisError as exc:
+        what = "is unavailable" if is_transient(exc) else "answered with an error"
+        print(f"error: Redis at {shown} {what}: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130
@@ -155,15 +178,18 @@ def _camera(args: argparse.Namespace, url: str) -> int:
         backoff_initial=args.backoff_initial, backoff_max=max(args.backoff_max, args.backoff_initial),
         stats_every=args.stats_every,
     )
-    with Producer(url, station=args.station, deadline_s=args.deadline, max_pending=args.max_pending) as producer:
+    # A camera never waits for Redis and never gives up on it: while Redis is away it drops frames
+    # (its policy, counted as skipped_redis) and tries again after a backoff.
+    with Producer(url, station=args.station, deadline_s=args.deadline, max_pending=args.max_pending,
+                  max_outage_s=math.inf, wait_for_redis=False) as producer:
         return CameraStreamer(producer, options, stop=_stop_on_signals()).run()
 
 
-def _watch(args: argparse.Namespace, url: str) -> int:
+def _watch(args: argparse.Namespace, url: str, max_outage_s: float) -> int:
     from .api import Producer
     from .watch import Watcher
 
-    with Producer(url, station=args.station) as producer:
+    with Producer(url, station=args.station, max_outage_s=max_outage_s) as producer:
         watcher = Watcher(
             producer, args.directory, done_dir=args.done_dir, rejected_dir=args.rejected_dir, poll=args.poll,
             backoff_initial=min(0.5, args.backoff_max), backoff_max=args.backoff_max, stop=_stop_on_signals(),

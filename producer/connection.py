@@ -1,30 +1,55 @@
-"""Where the producer finds Redis: `--redis-url`, else REDIS_URL, else localhost."""
+"""Where the producer finds Redis and how long it waits for it.
+
+The URL and its credential are resolved by `worker.redis_health.resolve_url`, the one resolver every
+component uses: `--redis-url`, else REDIS_URL_FILE, else REDIS_URL, else localhost; the password
+from REDIS_PASSWORD_FILE when set. `mask_url` is re-exported for the CLI's messages.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+from worker import redis_health
+from worker.redis_health import DEFAULT_REDIS_URL, mask_url, resolve_url
+from worker.settings import ROWS, redis_outage_s
 
-# The errors that mean "Redis is unreachable right now", worth retrying; anything else is a bug
-# or a misconfiguration and should surface.
+OUTAGE_VARIABLE = "VQ_REDIS_OUTAGE_S"
+DEFAULT_OUTAGE_S: float = ROWS[OUTAGE_VARIABLE].default
+# A producer's commands are small; a server that has not answered in this long is paused or gone,
+# and the caller is better off backing off (and a camera off dropping) than hanging on a socket.
+SOCKET_TIMEOUT_S = 10.0
+
+# Kept for code that catches "unreachable" only; what is worth retrying is `redis_health.is_transient`,
+# which also covers READONLY, OOM, LOADING and a paused server.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
+__all__ = ["DEFAULT_REDIS_URL", "REDIS_DOWN", "connect", "mask_url", "outage_limit", "redis_url"]
+
+
 def redis_url(url: str | None = None) -> str:
-    return url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    """The URL to connect to, password included (see `resolve_url`); show it only through `mask_url`."""
+    return resolve_url(url)
 
 
-def connect(target: str | Redis | None = None) -> Redis:
+def outage_limit(env: Mapping[str, str] | None = None) -> float:
+    """Seconds a producer waits out a Redis outage before giving up: VQ_REDIS_OUTAGE_S (default 120).
+
+    A bad value raises SettingsError (a ValueError) naming the variable.
+    """
+    return redis_outage_s(env)
+
+
+def connect(target: str | Redis | None = None, *, socket_timeout: float = SOCKET_TIMEOUT_S) -> Redis:
     """A Redis client for `target` (a URL, an existing client, or None for the default URL).
 
-    Timeouts are finite so that a station behind a dead network link notices and backs off
-    instead of hanging on a half-open socket.
+    Timeouts are finite so that a station behind a dead network link or a paused server notices
+    and backs off instead of hanging on a half-open socket.
     """
     if isinstance(target, Redis):
         return target
-    return Redis.from_url(redis_url(target), socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    return redis_health.connect(target, socket_timeout=socket_timeout)

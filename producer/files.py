@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker.frames import FrameError
+from worker.redis_health import RedisOutageError
 
 from .api import Producer
 from .images import read_image_file
@@ -28,8 +29,11 @@ def send_files(
 ) -> int:
     """Send the files named by `specs`; exit status 0 when all went well, 1 when any did not.
 
-    Without `wait`, prints `job_id<TAB>path` per frame and a summary on `err`. With `wait`,
-    prints one JSON line per frame as its result arrives, and names each failure on `err`.
+    Without `wait`, prints `job_id<TAB>path` per frame once Redis has it, and a summary on `err`.
+    With `wait`, prints one JSON line per frame as its result arrives, and names each failure on
+    `err`. Redis faults are waited out (the producer's outage limit); past the limit the frames
+    not sent are named, every accepted frame still gets its line (status "unknown" when its outcome
+    could not be read: poll its job id later) and the exit status is 3.
     """
     files, problems = expand_paths(specs)
     for problem in problems:
@@ -39,16 +43,34 @@ def send_files(
         return 2
 
     paths: dict[str, Path] = {}
-    rejected = 0
+    accepted: list[str] = []
+    rejected = unsent = 0
+    outage: RedisOutageError | None = None
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
-        for frame_id in producer.submit_frames(batch):
+        nonlocal outage, unsent
+        if not batch:
+            return
+        try:
+            ids = producer.submit_frames(batch)
+        except RedisOutageError as exc:
+            outage = exc
+            unsent += len(batch)
+            for frame in batch:
+                print(f"error: {paths.pop(frame['id'])}: not sent: Redis is unavailable", file=err)
+        else:
+            accepted.extend(ids)
             if not wait:
-                print(f"{frame_id}\t{paths[frame_id]}", file=out, flush=True)
+                for frame_id in ids:
+                    print(f"{frame_id}\t{paths[frame_id]}", file=out, flush=True)
         batch.clear()
 
     for path in files:
+        if outage is not None:  # Redis stayed away past the limit: do not wait again per chunk
+            unsent += 1
+            print(f"error: {path}: not sent: Redis is unavailable", file=err)
+            continue
         try:
             frame = producer.make_frame(read_image_file(path), meta={"filename": path.name})
         except (FrameError, OSError) as exc:
@@ -61,18 +83,35 @@ def send_files(
             flush()
     flush()
 
-    failed = 0
-    if wait and paths:
-        for outcome in producer.wait(paths, timeout=timeout):
-            path = paths[outcome.job_id]
-            print(json.dumps(_result_line(outcome, path)), file=out, flush=True)
-            if not outcome.ok:
-                failed += 1
-                print(f"error: {path}: {outcome.status}: {outcome.reason}", file=err, flush=True)
-    summary = f"{len(paths)} frame{'' if len(paths) == 1 else 's'} sent to queue {producer.queue.name!r}"
+    failed = unknown = 0
+    if wait and accepted:
+        reported: set[str] = set()
+        try:
+            for outcome in producer.wait(accepted, timeout=timeout):
+                reported.add(outcome.job_id)
+                path = paths[outcome.job_id]
+                print(json.dumps(_result_line(outcome, path)), file=out, flush=True)
+                if not outcome.ok:
+                    failed += 1
+                    print(f"error: {path}: {outcome.status}: {outcome.reason}", file=err, flush=True)
+        except RedisOutageError as exc:
+            outage = exc
+            for frame_id in accepted:
+                if frame_id not in reported:
+                    unknown += 1
+                    line = {"frame_id": frame_id, "path": str(paths[frame_id]), "status": "unknown",
+                            "error": "accepted, but Redis became unavailable before its outcome could be read"}
+                    print(json.dumps(line), file=out, flush=True)
+    summary = f"{len(accepted)} frame{'' if len(accepted) == 1 else 's'} sent to queue {producer.queue.name!r}"
     if wait:
-        summary += f", {len(paths) - failed} classified, {failed} failed"
-    print(summary + (f", {rejected + len(problems)} not sent" if rejected or problems else ""), file=err)
+        summary += f", {len(accepted) - failed - unknown} classified, {failed} failed"
+        if unknown:
+            summary += f", {unknown} unknown"
+    not_sent = rejected + len(problems) + unsent
+    print(summary + (f", {not_sent} not sent" if not_sent else ""), file=err)
+    if outage is not None:
+        print(f"error: {outage}", file=err)
+        return 3
     return 1 if failed or rejected or problems else 0
 
 

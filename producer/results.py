@@ -18,8 +18,8 @@ from redis import Redis
 from rq.job import JobStatus
 from rq.results import Result
 
-from worker.jobs import FrameJob
-from worker.serializer import MsgpackSerializer
+from worker.jobs import FrameJob, read_result
+from worker.redis_health import RedisHealth, is_transient
 
 FINISHED = JobStatus.FINISHED.value
 FAILED = JobStatus.FAILED.value
@@ -62,22 +62,43 @@ class Outcome:
 
 
 def wait_for_results(
-    connection: Redis, job_ids: Iterable[str], timeout: float | None = 60.0, interval: float = 0.05
+    connection: Redis,
+    job_ids: Iterable[str],
+    timeout: float | None = 60.0,
+    interval: float = 0.05,
+    health: RedisHealth | None = None,
 ) -> Iterator[Outcome]:
     """Yield an `Outcome` for each job id, in the order they complete.
 
     Polls every `interval` seconds (one pipeline per round). After `timeout` seconds (None:
-    wait for ever) the jobs still pending are yielded with status "timeout".
+    wait for ever) the jobs still pending are yielded with status "timeout". With `health`, a
+    transient Redis error (down, restarting, READONLY, OOM, paused) is waited out with its backoff
+    instead of raised, up to its outage limit (RedisOutageError) or the timeout.
     """
     pending = list(dict.fromkeys(job_ids))
     deadline = None if timeout is None else time.monotonic() + timeout
     last_status: dict[str, str] = {}
     while pending:
-        with connection.pipeline(transaction=False) as pipe:
-            for job_id in pending:
-                pipe.hget(FrameJob.key_for(job_id), "status")
-                pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-            replies = pipe.execute()
+        try:
+            with connection.pipeline(transaction=False) as pipe:
+                for job_id in pending:
+                    pipe.hget(FrameJob.key_for(job_id), "status")
+                    pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+                replies = pipe.execute()
+        except Exception as exc:
+            if health is None or not is_transient(exc):
+                raise
+            delay = health.failed(exc)  # RedisOutageError past the limit
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                for job_id in pending:
+                    yield Outcome(job_id, TIMEOUT, error=f"no result within {timeout:g}s (Redis is unavailable; "
+                                  f"the job was {last_status.get(job_id, 'accepted')})")
+                return
+            time.sleep(delay if left is None else min(delay, left))
+            continue
+        if health is not None:
+            health.succeeded()
         still = []
         for i, job_id in enumerate(pending):
             status = replies[2 * i].decode() if replies[2 * i] is not None else None
@@ -125,7 +146,7 @@ def _latest_result(connection: Redis, job_id: str, entries: list) -> Result | No
     if not entries:
         return None
     result_id, payload = entries[0]
-    return Result.restore(job_id, result_id.decode(), payload, connection=connection, serializer=MsgpackSerializer)
+    return read_result(job_id, result_id.decode(), payload, connection)
 
 
 def _finished(job_id: str, result: Result) -> Outcome:

@@ -1,18 +1,22 @@
 """`python -m producer watch`: send image files dropped into a folder, then move them aside.
 
 A file is sent once its size and mtime are the same on two polls in a row (a copy or upload
-still in progress keeps changing), and moved to the done folder only after Redis accepted its
-job. While Redis is unreachable the files stay where they are and the watcher retries with a
-capped backoff: nothing is lost. Files that are not JPEG/PNG images a worker would take are
-moved to the rejected folder, with a log line saying why.
+still in progress keeps changing), and moved to the done folder only after Redis confirmed its
+job (the EXEC reply). While Redis is unavailable (down, restarting, READONLY, OOM, LOADING,
+paused) the files stay where they are and the watcher retries with jittered backoff through the
+producer's `RedisHealth`, logging once when Redis goes away and once when it is back: nothing is
+lost. Past VQ_REDIS_OUTAGE_S it stops with status 3 (the files are still there for the next run).
+Files that are not JPEG/PNG images a worker would take are moved to the rejected folder, with a
+log line saying why.
 
-Each file's frame id is derived from its name, mtime and content, and the watcher skips ids
-Redis already has: a file whose enqueue succeeded but whose move failed (or whose reply was
-lost, or a watcher that crashed in between) is moved on the next pass, not sent twice.
+Each file's frame id is derived from its name, mtime and content, and the producer's enqueue
+skips ids Redis already has, atomically: a file whose enqueue succeeded but whose move failed (or
+whose reply was lost, or a watcher that crashed in between) is moved on the next pass, not sent twice.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -24,11 +28,9 @@ from typing import Any
 import structlog
 
 from worker.frames import FrameError
-from worker.jobs import FrameJob
+from worker.redis_health import RedisOutageError, is_transient
 
 from .api import Producer
-from .backoff import Backoff
-from .connection import REDIS_DOWN
 from .images import read_image_file
 
 log = structlog.get_logger("producer.watch")
@@ -59,27 +61,31 @@ class Watcher:
         self.rejected_dir = Path(rejected_dir) if rejected_dir else self.directory / ".rejected"
         self.poll = poll
         self.batch = batch
-        self.backoff = Backoff(backoff_initial, backoff_max)
+        # The producer's health decides the waits (jittered backoff between these bounds) and the limit.
+        producer.health.base_delay = backoff_initial
+        producer.health.max_delay = backoff_max
         self.stop = stop or threading.Event()
         self.counters = {"enqueued": 0, "rejected": 0, "redis_errors": 0}
         self._last_seen: dict[Path, tuple[int, int]] = {}
         self._log = log.bind(station=producer.station, directory=str(self.directory))
 
     def run(self) -> int:
+        """0 when stopped; 2 without the folder; 3 when Redis stayed away past the outage limit."""
         if not self.directory.is_dir():
             self._log.error("watch.no_directory")
             return 2
         self._log.info("watch.started", done_dir=str(self.done_dir), rejected_dir=str(self.rejected_dir))
+        status = 0
         while not self.stop.is_set():
-            if self.poll_once():
-                self.backoff.reset()
-                delay = self.poll
-            else:
-                delay = self.backoff.next()
-                self._log.info("watch.retrying", delay_s=round(delay, 3))
-            self.stop.wait(delay)
+            try:
+                self.poll_once()
+            except RedisOutageError as exc:
+                self._log.error("watch.redis_outage", error=str(exc), waiting_files=len(self._last_seen))
+                status = 3
+                break
+            self.stop.wait(self.poll)
         self._log.info("watch.stopped", **self.counters)
-        return 0
+        return status
 
     def ready_files(self) -> list[Path]:
         """Files whose size and mtime did not change since the previous call, oldest first."""
@@ -101,18 +107,21 @@ class Watcher:
         return sorted(ready, key=lambda p: (seen[p][1], p.name))
 
     def poll_once(self) -> bool:
-        """Send what is ready; False when Redis was unreachable (the files stay for a retry)."""
+        """Send what is ready, waiting out Redis faults; False when stopped while Redis was unavailable.
+
+        Raises RedisOutageError once Redis has been unavailable longer than the producer's limit.
+        """
         ready = self.ready_files()
         for start in range(0, len(ready), self.batch):
             frames = self._frames(ready[start : start + self.batch])
             if not frames:
                 continue
             try:
-                self._enqueue([frame for frame, _ in frames])
-            except REDIS_DOWN as exc:
-                self.counters["redis_errors"] += 1
-                self._log.warning("watch.redis_unreachable", error=str(exc), waiting_files=len(ready) - start)
-                return False
+                self.producer.health.call(functools.partial(self._enqueue, [f for f, _ in frames]), stop=self.stop)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                return False  # stopped while waiting: the files stay for the next run
             for frame, path in frames:
                 target = self._move(path, self.done_dir)
                 if target is not None:
@@ -145,12 +154,13 @@ class Watcher:
         return h.hexdigest()
 
     def _enqueue(self, frames: list[dict[str, Any]]) -> None:
-        """Enqueue the frames Redis does not have yet (two round trips)."""
-        with self.producer.connection.pipeline(transaction=False) as pipe:
-            for frame in frames:
-                pipe.exists(FrameJob.key_for(frame["id"]))
-            known = pipe.execute()
-        self.producer.submit_frames([frame for frame, exists in zip(frames, known, strict=True) if not exists])
+        """One attempt: enqueue the frames Redis does not have yet (the producer checks, atomically)."""
+        try:
+            self.producer.submit_frames(frames, wait_for_redis=False)
+        except Exception as exc:
+            if is_transient(exc):
+                self.counters["redis_errors"] += 1
+            raise
 
     def _move(self, path: Path, folder: Path) -> Path | None:
         """Move `path` into `folder` without overwriting an earlier file of the same name."""

@@ -35,7 +35,7 @@ def test_ingest_is_idempotent_and_acknowledges_only_stored(tmp_path, redis_conn)
     frames = push_samples(redis_conn, 30)
     with SampleStore(tmp_path / "store") as store:
         counts = ingest(redis_conn, store)
-        assert counts == {"added": 30, "acked": 30, "bad": 0}
+        assert counts == {"added": 30, "acked": 30, "bad": 0, "deleted": 0}
         assert redis_conn.xlen(SAMPLES_STREAM) == 0
         assert ingest(redis_conn, store)["added"] == 0
         rows = {s.frame_id: s for s in store.samples()}

@@ -91,9 +91,9 @@ def client(served: Gateway) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def idle(redis_url: str) -> Iterator[httpx.Client]:
-    """A gateway on a Redis with no worker at all, a queue bound of 3 and no API key."""
-    with Gateway(create_app(redis_url, max_queue=3, max_upload_bytes=MAX_UPLOAD)) as gateway, \
-            httpx.Client(base_url=gateway.url, timeout=30) as c:
+    """A gateway on a Redis with no worker at all and a queue bound of 3."""
+    with Gateway(create_app(redis_url, api_key=API_KEY, max_queue=3, max_upload_bytes=MAX_UPLOAD)) as gateway, \
+            httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
         yield c
 
 
@@ -332,11 +332,183 @@ def test_cli_serves_with_key_from_the_environment(redis_url: str, subprocess_env
 
 def test_redis_down_is_503_on_submit_and_readyz_but_not_healthz() -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    with Gateway(create_app(dead)) as gateway, httpx.Client(base_url=gateway.url, timeout=30) as c:
+    with Gateway(create_app(dead, api_key=API_KEY)) as gateway, \
+            httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
         r = c.post("/v1/jobs", **upload(jpeg()))
         assert r.status_code == 503 and "Redis is unreachable" in r.json()["detail"] and r.headers["retry-after"]
         assert c.get("/v1/jobs/abc").status_code == 503
         r = c.get("/readyz")
-        assert r.status_code == 503 and "Redis is unreachable" in r.json()["reason"]
+        assert r.status_code == 503 and r.json()["reason"] == "Redis is unreachable"
         health = c.get("/healthz")
         assert health.status_code == 200 and health.json()["redis"] is False and health.json()["redis_error"]
+
+
+# -- a gateway that holds: auth, limits, timeouts, probes without internals ---------------------------------
+
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 20) -> tuple[int, bytes]:
+    """Send a request line and headers (and maybe part of a body) over a bare socket; the status and the
+    rest of the answer. The socket stays open while the answer is read: nothing more is sent."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def _length(data: bytes) -> int:
+    match = re.search(rb"(?i)content-length: *(\d+)", data)
+    return int(match.group(1)) if match else 0
+
+
+def test_401_is_answered_before_the_body_is_read(served: Gateway) -> None:
+    # Headers promise 100 KB (within the limits) and no byte of it is ever sent: the 401 still comes.
+    head = ("POST /v1/classify HTTP/1.1\r\nHost: x\r\nX-API-Key: wrong\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b")
+    status, answer = raw_request(served.url, head)
+    assert status == 401 and b"API key" in answer and b"connection: close" in answer.lower()
+
+
+def test_slow_body_is_cut_off_with_408(redis_url: str) -> None:
+    app = create_app(redis_url, api_key=API_KEY, body_timeout=0.5)
+    with Gateway(app) as gateway:
+        head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nContent-Length: 5000\r\n"
+                "Content-Type: multipart/form-data; boundary=b")
+        started = time.monotonic()
+        status, answer = raw_request(gateway.url, head, b"--b\r\n")  # then nothing more
+        assert status == 408 and b"did not arrive within 0.5s" in answer
+        assert time.monotonic() - started < 10
+        assert app.state.policy.counters["body_timeout"] == 1
+        wait_for(lambda: app.state.policy.budget.held == 0, timeout=10, what="the reservation given back")
+
+
+def test_keys_from_a_list_own_their_jobs_and_are_rate_limited_each(redis_url: str) -> None:
+    app = create_app(redis_url, api_key=["key-a", "key-b"], rate_limit=0.5, rate_burst=2, max_upload_bytes=MAX_UPLOAD)
+    with Gateway(app) as gateway, httpx.Client(base_url=gateway.url, timeout=30) as c:
+        a, b = {"X-API-Key": "key-a"}, {"Authorization": "Bearer key-b"}
+        first = c.post("/v1/jobs", headers=a, **upload(jpeg()))
+        assert first.status_code == 202
+        assert c.post("/v1/jobs", headers=a, **upload(jpeg())).status_code == 202
+        r = c.post("/v1/jobs", headers=a, **upload(jpeg()))
+        assert r.status_code == 429 and "rate limit" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1
+        assert c.post("/v1/jobs", headers=b, **upload(jpeg())).status_code == 202  # its own bucket
+        # The other key cannot read key-a's job: the same answer as no such job.
+        assert c.get(first.json()["status_url"], headers=a).json()["status"] == "queued"
+        assert c.get(first.json()["status_url"], headers=b).status_code == 404
+
+
+def test_a_key_is_required_unless_insecure_no_auth(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="no API key"):
+        create_app(redis_url)
+    with pytest.raises(ValueError, match="no API key"):
+        create_app(redis_url, api_key=["", "  "])
+    with Gateway(create_app(redis_url, insecure_no_auth=True)) as gateway:
+        assert httpx.post(f"{gateway.url}/v1/jobs", timeout=30, **upload(jpeg())).status_code == 202
+
+
+def test_byte_budget_counts_bytes_and_gives_them_back(redis_url: str, redis_conn: Redis) -> None:
+    image = jpeg(seed=1)
+    # Room for two uploads (image + form) and not three.
+    app = create_app(redis_url, api_key=API_KEY, max_inflight_bytes=2 * len(image) + 1500,
+                     max_upload_bytes=MAX_UPLOAD)
+    budget = app.state.policy.budget
+    with Gateway(app) as gateway, httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+        for _ in range(2):
+            assert c.post("/v1/jobs", **upload(image, deadline_s="1")).status_code == 202
+        assert budget.in_flight == 2 * len(image) and budget.reading == 0
+        r = c.post("/v1/jobs", **upload(image))
+        assert r.status_code == 429 and "budget" in r.json()["detail"] and r.headers["retry-after"]
+        # No worker: the frames drop out of Redis at their deadline, and their bytes come back.
+        wait_for(lambda: budget.held == 0, timeout=15, what="the expired frames' bytes given back")
+        assert c.post("/v1/jobs", **upload(image, deadline_s="1")).status_code == 202
+        wait_for(lambda: budget.held == 0, timeout=15, what="that frame's bytes given back")
+
+        # Redis's own headroom: frames may fill 70 % of maxmemory, and it is already past that
+        # (while Redis itself would still take writes).
+        maxmemory = int(redis_conn.info("memory")["used_memory"] * 1.2)
+        redis_conn.config_set("maxmemory", maxmemory)
+        wait_for(lambda: budget.redis_max == maxmemory, timeout=15, what="the memory sample")
+        r = c.post("/v1/jobs", **upload(image))
+        assert r.status_code == 503 and "memory is nearly full" in r.json()["detail"] and r.headers["retry-after"]
+        assert str(maxmemory) not in r.text
+        redis_conn.config_set("maxmemory", 0)
+        wait_for(lambda: budget.redis_max == 0, timeout=15, what="the memory sample")
+        assert c.post("/v1/jobs", **upload(image)).status_code == 202
+
+
+def test_waiters_are_bounded(redis_url: str) -> None:
+    app = create_app(redis_url, api_key=API_KEY, max_waiters=2, max_upload_bytes=MAX_UPLOAD)
+    waiters = app.state.policy.waiters
+    with Gateway(app) as gateway, httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+        results: list[int] = []
+
+        def wait() -> None:
+            results.append(c.post("/v1/classify", params={"timeout": 3}, **upload(jpeg())).status_code)
+
+        threads = [threading.Thread(target=wait) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: waiters.active == 2, timeout=10, what="two waiters")
+            r = c.post("/v1/classify", **upload(jpeg()))
+            assert r.status_code == 503 and "waiting" in r.json()["detail"] and r.headers["retry-after"] == "1"
+            assert c.post("/v1/jobs", **upload(jpeg())).status_code == 202  # submitting is not waiting
+            assert c.get("/healthz").status_code == 200
+        finally:
+            for t in threads:
+                t.join()
+        assert results == [504, 504]
+        wait_for(lambda: waiters.active == 0, timeout=10, what="the waiter slots given back")
+
+
+def test_pixel_limit_is_checked_from_the_header(redis_url: str) -> None:
+    with Gateway(create_app(redis_url, api_key=API_KEY, max_pixels=1000)) as gateway:
+        r = httpx.post(f"{gateway.url}/v1/jobs", headers={"X-API-Key": API_KEY}, timeout=30, **upload(jpeg()))
+        assert r.status_code == 422 and "64x48 = 3072 pixels, over the gateway's limit of 1000" in r.json()["detail"]
+
+
+def test_probes_show_no_internals_without_a_key(served: Gateway) -> None:
+    with httpx.Client(base_url=served.url, timeout=30) as anon:
+        assert anon.get("/healthz").json() == {"status": "ok", "redis": True}
+        assert anon.get("/readyz").json() == {"ready": True}
+        assert "gw-worker" not in anon.get("/readyz").text
+        keyed = anon.get("/readyz", headers={"X-API-Key": API_KEY}).json()
+        assert keyed["workers"][0]["name"] == "gw-worker"
+        assert anon.get("/healthz", headers={"X-API-Key": API_KEY}).json()["version"]
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with Gateway(create_app(dead, api_key=API_KEY)) as gateway, httpx.Client(base_url=gateway.url, timeout=30) as c:
+        assert c.get("/readyz").json() == {"ready": False}
+        wait_for(lambda: c.get("/healthz").json() == {"status": "ok", "redis": False}, timeout=10,
+                 what="the gateway noticing Redis is down")
+
+
+def test_worker_internals_stay_out_of_failure_bodies() -> None:
+    from deploy.gateway.service import WORKER_FAILED, public_reason
+
+    assert public_reason("FrameError: image could not be decoded (300 bytes)") == (
+        "FrameError: image could not be decoded (300 bytes)")
+    assert public_reason("ConnectionError: Error 111 connecting to 10.0.0.7:6379") == WORKER_FAILED
+    assert public_reason(None) == WORKER_FAILED
+
+
+def test_cli_requires_a_key_and_reads_a_key_file(tmp_path) -> None:
+    from deploy.gateway.__main__ import parse_args
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VQ_API_KEY", "VQ_API_KEY_FILE")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("VQ_API_KEY", "VQ_API_KEY_FILE"):
+            mp.delenv(k, raising=False)
+        with pytest.raises(SystemExit):
+            parse_args([])
+        keys = tmp_path / "keys"
+        keys.write_text("# line 1\nkey-one\n\n  key-two  \n")
+        assert parse_args(["--api-key-file", str(keys)]).keys == ["key-one", "key-two"]
+        mp.setenv("VQ_API_KEY", "from-env")
+        assert parse_args(["--api-key", "flag"]).keys == ["flag", "from-env"]
+        assert parse_args(["--insecure-no-auth"]).keys == ["from-env"]
+    assert env is not None

@@ -72,12 +72,16 @@ def test_training_run_writes_split_history_curves_and_a_published_int8_artifact(
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0] == trained["first_epoch"][0], "resume keeps the first epoch and continues"
+    assert {"val_loss", "val_acc", "val_macro_f1", "best"} <= set(history[0])
     manifest = read_manifest(run / "artifact")
     assert manifest["precision"] == "int8" and manifest["quantization"]["backend"] == "fx-x86"
     assert manifest["class_names"] == ["dent", "ok", "scratch", "stain"]
     assert manifest["input_size"] == [48, 48] and manifest["good_class"] == "ok"
     assert manifest["temperature"] == trained["result"]["temperature"] > 0
     assert manifest["metrics"]["val_nll"] <= manifest["metrics"]["val_nll_uncalibrated"] + 1e-9
+    best = min(history, key=lambda row: row["val_loss"])  # --select-by loss, the trainer's default
+    assert manifest["metrics"]["select_by"] == "loss" and manifest["metrics"]["best_epoch"] == best["epoch"]
+    assert manifest["metrics"]["best_val_acc"] == best["val_acc"]
     assert trained["current"] == trained["result"]["published"] and trained["versions"] == [trained["current"]]
     split = load_split(run / "split.json")
     assert sum(len(split[p]) for p in ("train", "val", "test")) == 40

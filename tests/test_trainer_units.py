@@ -133,12 +133,34 @@ def test_freeze_policies_and_train_mode() -> None:
     assert model.layer3[0].conv1.weight.requires_grad and model.fc[1].weight.requires_grad
     recipe.set_train_mode(model)
     assert not model.bn1.training and not model.layer2[1].bn2.training and model.layer3[0].bn1.training
+    recipe.set_train_mode(model, freeze_bn=True)  # statistics kept everywhere, the rest still trains
+    assert not model.layer3[0].bn1.training and model.layer3[0].bn1.weight.requires_grad and model.layer3.training
     with pytest.raises(ValueError, match="layer4"):
         recipe.apply_freeze(model, "layer9")
     mobilenet = build_model("mobilenet_v3_small", 3)
     recipe.apply_freeze(mobilenet, "features.3")
     assert not mobilenet.features[3].block[0][0].weight.requires_grad
     assert mobilenet.features[4].block[0][0].weight.requires_grad
+
+
+def test_checkpoint_selection_follows_the_chosen_metric_and_breaks_ties_by_loss() -> None:
+    # The fine-tune: epoch 1 had the lowest loss, later epochs were clearly more accurate.
+    history = [
+        {"epoch": 1, "val_loss": 0.500, "val_acc": 0.757, "val_macro_f1": 0.70},
+        {"epoch": 2, "val_loss": 0.530, "val_acc": 0.845, "val_macro_f1": 0.79},
+        {"epoch": 3, "val_loss": 0.520, "val_acc": 0.845, "val_macro_f1": 0.78},  # as accurate, lower loss
+        {"epoch": 4, "val_loss": 0.560, "val_acc": 0.835, "val_macro_f1": 0.82},
+    ]
+
+    def best(select_by: str) -> int:
+        return min(history, key=lambda row: recipe.selection_key(row, select_by))["epoch"]
+
+    assert best("loss") == 1
+    assert best("accuracy") == 3
+    assert best("macro_f1") == 4
+    assert recipe.selection_key(history[2], "accuracy") < recipe.selection_key(history[1], "accuracy")
+    with pytest.raises(ValueError, match="accuracy"):
+        recipe.selection_key(history[0], "f1")
 
 
 def test_recipe_defaults_and_warmup_cosine_schedule() -> None:

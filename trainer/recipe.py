@@ -3,14 +3,16 @@
 Defaults follow the tutorial our users know (ResNet-50 fine-tuning, AdamW with weight decay 0.01,
 learning rate 3e-5 with a 5-epoch linear warm-up then cosine annealing, batch 32, label smoothing,
 mixed precision, early stopping with patience 5, dropout 0.3 in the head, RandomResizedCrop +
-horizontal flip + ColorJitter(0.2, 0.2) + ImageNet normalization). Where the tutorial's number only
+horizontal flip + ColorJitter(0.2, 0.2) + ImageNet normalization). The best checkpoint and early
+stopping follow one validation metric (`selection_key`): loss by default, accuracy or macro-F1 when
+that is what the model will be judged by (the learning loop's gate judges accuracy). Where the tutorial's number only
 fits one situation, the default depends on the situation (see `default_lr`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ WEIGHT_DECAY = 0.01
 WARMUP_EPOCHS = 5
 LABEL_SMOOTHING = 0.1
 PATIENCE = 5
+MIN_EPOCHS = 0  # epochs that run before early stopping may stop the run
+SELECT_BY = "loss"
 BATCH_SIZE = 32
 EPOCHS = 30
 CLIP_GRAD_NORM = 1.0
@@ -45,6 +49,24 @@ def default_lr(pretrained: bool, freeze: str) -> float:
     if freeze != "none":
         return LR_PARTIAL
     return LR_FINETUNE
+
+
+# -- checkpoint selection -------------------------------------------------------------------------
+# --select-by: the validation metric that picks the best checkpoint and drives early stopping.
+SELECT_METRICS = {"loss": "val_loss", "accuracy": "val_acc", "macro_f1": "val_macro_f1"}
+
+
+def selection_key(val: Mapping[str, float], select_by: str = SELECT_BY) -> tuple[float, ...]:
+    """Smaller is better: the selected validation metric, then validation loss.
+
+    Accuracy on a hundred validation images moves in steps of 1 %, so equal scores are common;
+    of two equally accurate checkpoints the one with the lower loss is the more confident.
+    """
+    if select_by not in SELECT_METRICS:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_METRICS)}, got {select_by!r}")
+    if select_by == "loss":
+        return (val["val_loss"],)
+    return (-val[SELECT_METRICS[select_by]], val["val_loss"])
 
 
 # -- augmentation ---------------------------------------------------------------------------------
@@ -161,13 +183,17 @@ def apply_freeze(model: nn.Module, policy: str) -> int:
     return len(frozen)
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """train() for what trains; batch-norm layers whose parameters are all frozen keep their statistics."""
+def set_train_mode(model: nn.Module, freeze_bn: bool = False) -> None:
+    """train() for what trains; batch-norm layers whose parameters are all frozen keep their statistics.
+
+    freeze_bn: every batch-norm layer keeps its running statistics (its affine parameters still
+    train): a small fine-tuning set would otherwise re-estimate them from a few batches.
+    """
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters())
-            if params and not any(p.requires_grad for p in params):
+            if freeze_bn or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 

@@ -11,9 +11,10 @@ Steps, in the order of this file's `main`:
     mixed precision (fp16 + GradScaler on CUDA; bf16 autocast on CPU, by default only with AMX:
     on an AVX-512-only CPU it trained 3.5x slower than fp32), channels_last, gradient
     clipping, optional focal loss, class-balanced sampling, TrivialAugment and weight EMA;
- 4. the loop: a progress bar per epoch, validation loss for early stopping (patience 5) and the
-    best checkpoint (RUN/best.safetensors), RUN/checkpoint.pt for --resume, RUN/history.csv|json
-    and RUN/curves.png;
+ 4. the loop: a progress bar per epoch; one validation metric (--select-by loss|accuracy|macro_f1,
+    ties to the lower loss) picks the best checkpoint (RUN/best.safetensors) and drives early
+    stopping (patience 5, not before --min-epochs); RUN/checkpoint.pt for --resume,
+    RUN/history.csv|json (val loss, accuracy and macro-F1 per epoch) and RUN/curves.png;
  5. finish: temperature scaling fitted on the validation split, int8 quantization calibrated on
     training images (--int8-backend: worker.quant.DEFAULT_BACKEND, or auto to measure them all),
     the artifact in RUN/artifact (worker.artifact.write_artifact), the test-split report in
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -65,7 +65,7 @@ from .data import (
 )
 from .evaluate import ARTIFACT_DIR, DEFAULT_GOOD_CLASS, SPLIT_FILE, evaluate_run, model_logits
 from .export import ExportError, export_onnx, require_onnx
-from .metrics import nll, summarize
+from .metrics import confusion_matrix, macro_f1, nll, summarize
 from .weights import WeightsError, check_available, load_model
 
 log = structlog.get_logger("visionqueue.train")
@@ -98,12 +98,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=recipe.WEIGHT_DECAY)
     g.add_argument("--warmup-epochs", type=int, default=recipe.WARMUP_EPOCHS)
     g.add_argument("--label-smoothing", type=float, default=recipe.LABEL_SMOOTHING)
-    g.add_argument("--patience", type=int, default=recipe.PATIENCE, help="early stopping on validation loss")
+    g.add_argument("--patience", type=int, default=recipe.PATIENCE,
+                   help="stop after this many epochs without a better --select-by score")
+    g.add_argument("--min-epochs", type=int, default=recipe.MIN_EPOCHS, help="early stopping never stops before")
+    g.add_argument("--select-by", default=recipe.SELECT_BY, choices=list(recipe.SELECT_METRICS),
+                   help="validation metric for the best checkpoint and early stopping; ties go to the lower loss "
+                        f"(default {recipe.SELECT_BY})")
     g.add_argument("--clip-grad-norm", type=float, default=recipe.CLIP_GRAD_NORM, help="0 disables")
     g.add_argument("--min-crop", type=float, default=recipe.MIN_CROP, help="RandomResizedCrop's smallest area share")
     g.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide")
     g.add_argument("--focal-loss", action="store_true", help="focal loss (gamma 2) for imbalanced classes")
     g.add_argument("--balanced-sampling", action="store_true", help="sample every class equally often")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="batch-norm layers keep their running statistics (fine-tuning on a small set)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights and use it for validation/export")
     g.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -126,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--onnx", action="store_true", help="also export RUN/export/model.onnx (needs the onnx package)")
     g.add_argument("--publish", action="store_true", help="put the artifact into the Redis registry (REDIS_URL)")
     g.add_argument("--no-promote", dest="promote", action="store_false", help="publish without making it current")
-    g.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: $REDIS_URL")
+    g.add_argument("--redis-url", help="default: REDIS_URL_FILE, else REDIS_URL (password: REDIS_PASSWORD_FILE)")
     return p
 
 
@@ -207,7 +214,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loader: torch.utils.data.DataLoader,
                     device: torch.device, args: argparse.Namespace, epoch: int,
                     scaler: torch.amp.GradScaler | None, ema: nn.Module | None) -> tuple[float, float]:
-    recipe.set_train_mode(model)
+    recipe.set_train_mode(model, args.freeze_bn)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not args.progress,
                dynamic_ncols=True, leave=False)
@@ -245,17 +252,22 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module, device: torch.device,
-             args: argparse.Namespace) -> tuple[float, float]:
+             args: argparse.Namespace, num_classes: int) -> dict[str, float]:
+    """val_loss, val_acc and val_macro_f1: every metric --select-by can choose."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, preds, labels = 0.0, [], []
     with torch.inference_mode(), autocast_for(device, args.amp):
         for images, target in loader:
             images, target = images.to(device), target.to(device)
             output = model(images).float()
             total_loss += float(criterion(output, target)) * len(target)
-            correct += int((output.argmax(1) == target).sum())
-            seen += len(target)
-    return total_loss / max(1, seen), correct / max(1, seen)
+            preds.append(output.argmax(1).cpu())
+            labels.append(target.cpu())
+    if not labels:
+        return {"val_loss": 0.0, "val_acc": 0.0, "val_macro_f1": 0.0}
+    pred, label = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return {"val_loss": total_loss / len(label), "val_acc": float((pred == label).mean()),
+            "val_macro_f1": macro_f1(confusion_matrix(label, pred, num_classes))}
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -273,13 +285,17 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
 
 # -- 5. finish ------------------------------------------------------------------------------------
 def publish(artifact: Path, redis_url: str | None, promote: bool) -> str:
-    if not redis_url:
-        raise SystemExit("--publish needs a Redis URL: set REDIS_URL or pass --redis-url")
-    import redis
-
+    from worker.redis_health import connect
     from worker.registry import ModelRegistry
+    from worker.settings import SettingsError, redis_configured
 
-    conn = redis.Redis.from_url(redis_url)
+    try:
+        if not (redis_url or redis_configured()):
+            raise SystemExit("--publish needs a Redis URL: set REDIS_URL (or REDIS_URL_FILE) or pass --redis-url")
+        # A long timeout: the float weights are one SET of tens of MB, on whatever link the trainer has.
+        conn = connect(redis_url, socket_timeout=120.0)
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     try:
         return ModelRegistry(conn).publish(artifact, promote=promote)
     finally:
@@ -307,7 +323,8 @@ def finish(run: Path, model: nn.Module, split: Split, args: argparse.Namespace, 
         "test_false_alarm_rate": test.get("false_alarm_rate"), "test_miss_rate": test.get("miss_rate"),
         "test_ece": test["ece"], "test_ece_uncalibrated": test["ece_uncalibrated"],
         "val_nll_uncalibrated": nll(val_logits, val_labels), "val_nll": nll(val_logits, val_labels, temperature),
-        "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"],
+        "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "select_by": meta["select_by"],
+        **{f"best_{k}": v for k, v in meta["best"].items()},
         "train_seconds": round(meta["train_seconds"], 1),
     }
     extra = {"good_class": good, "training": meta["training"],
@@ -393,6 +410,8 @@ def run_training(args: argparse.Namespace) -> int:
                 "focal_loss": args.focal_loss, "balanced_sampling": args.balanced_sampling, "ema": args.ema,
                 "amp": args.amp, "channels_last": args.channels_last, "clip_grad_norm": args.clip_grad_norm,
                 "min_crop": args.min_crop, "trivial_augment": args.trivial_augment, "seed": args.seed,
+                "select_by": args.select_by, "patience": args.patience, "min_epochs": args.min_epochs,
+                "freeze_bn": args.freeze_bn,
                 "input_size": list(input_size), "device": str(device), "torch": torch.__version__,
                 "threads": torch.get_num_threads()}
     (run / "config.json").write_text(json.dumps({**training, "data": str(split.root), "classes": split.classes},
@@ -403,7 +422,8 @@ def run_training(args: argparse.Namespace) -> int:
 
     # 4. the loop
     history: list[dict[str, Any]] = []
-    start_epoch, best_loss, best_epoch, bad_epochs, spent = 1, float("inf"), 0, 0, 0.0
+    start_epoch, best_epoch, bad_epochs, spent = 1, 0, 0, 0.0
+    best: dict[str, float] | None = None  # the best epoch's validation metrics
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -414,12 +434,14 @@ def run_training(args: argparse.Namespace) -> int:
             ema.load_state_dict(checkpoint["ema"])
         history = list(checkpoint["history"])
         start_epoch = int(checkpoint["epoch"]) + 1
-        best_loss, best_epoch = float(checkpoint["best_loss"]), int(checkpoint["best_epoch"])
+        best_epoch = int(checkpoint["best_epoch"])
+        best = next(({k: v for k, v in r.items() if k.startswith("val_")} for r in history if r["epoch"] == best_epoch),
+                    None)
         bad_epochs, spent = int(checkpoint["bad_epochs"]), float(checkpoint["seconds"])
         log.info("resumed", from_epoch=start_epoch, best_epoch=best_epoch)
     stopped = "epochs"
     for epoch in range(start_epoch, args.epochs + 1):
-        if bad_epochs >= args.patience:
+        if bad_epochs >= args.patience and epoch - 1 >= args.min_epochs:
             stopped = "early stopping"
             break
         if args.max_minutes and spent >= args.max_minutes * 60:
@@ -431,45 +453,46 @@ def run_training(args: argparse.Namespace) -> int:
         train_loss, train_acc = train_one_epoch(model, criterion, optimizer, scheduler, loader, device, args,
                                                 epoch, scaler, ema)
         judged = ema.module if ema is not None else model
-        val_loss, val_acc = validate(judged, val_loader, nn.CrossEntropyLoss(), device, args)
+        val = validate(judged, val_loader, nn.CrossEntropyLoss(), device, args, num_classes)
         seconds = time.perf_counter() - t0
         spent += seconds
-        improved = val_loss < best_loss
+        key = recipe.selection_key(val, args.select_by)
+        improved = best is None or key < recipe.selection_key(best, args.select_by)
         if improved:
-            best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+            best, best_epoch, bad_epochs = val, epoch, 0
             save_file(float_state(judged), str(run / BEST))
         else:
             bad_epochs += 1
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-               "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "seconds": round(seconds, 2),
-               "best": improved}
+               "train_acc": train_acc, **val, "seconds": round(seconds, 2), "best": improved}
         history.append(row)
         write_history(run, history)
         log.info("epoch", epoch=epoch, train_loss=round(train_loss, 4), train_acc=round(train_acc, 4),
-                 val_loss=round(val_loss, 4), val_acc=round(val_acc, 4), lr=f"{row['lr']:.2e}",
-                 seconds=round(seconds, 1), best=improved)
+                 **{k: round(v, 4) for k, v in val.items()}, lr=f"{row['lr']:.2e}", seconds=round(seconds, 1),
+                 best=improved)
         state: dict[str, Any] = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "history": history, "best_loss": best_loss,
+                                 "scheduler": scheduler.state_dict(), "history": history,
                                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "seconds": spent}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         if ema is not None:
             state["ema"] = ema.state_dict()
         torch.save(state, run / CHECKPOINT)
-    log.info("training stopped", reason=stopped, best_epoch=best_epoch, best_val_loss=round(best_loss, 4),
-             minutes=round(spent / 60, 2))
+    log.info("training stopped", reason=stopped, select_by=args.select_by, best_epoch=best_epoch,
+             **{f"best_{k}": round(v, 4) for k, v in (best or {}).items()}, minutes=round(spent / 60, 2))
     if history:
         plots.training_curves(history, run / "curves.png")
 
     # 5. finish
     if not (run / BEST).is_file():
         raise ValueError("no epoch finished: nothing to export")
-    best = build_model(args.arch, num_classes)
-    best.load_state_dict(load_file(str(run / BEST)))
-    meta = {"input_size": input_size, "best_epoch": best_epoch, "parent_version": args.parent_version,
+    best_model = build_model(args.arch, num_classes)
+    best_model.load_state_dict(load_file(str(run / BEST)))
+    meta = {"input_size": input_size, "best_epoch": best_epoch, "select_by": args.select_by, "best": best or {},
+            "parent_version": args.parent_version,
             "epochs_run": len(history), "train_seconds": spent,
             "training": {**training, "stopped": stopped}}
-    manifest = finish(run, best, split, args, meta)
+    manifest = finish(run, best_model, split, args, meta)
     result = {"artifact": str(run / ARTIFACT_DIR), "version": manifest["version"], "precision": manifest["precision"],
               "temperature": manifest["temperature"], **manifest["metrics"]}
     if args.onnx:

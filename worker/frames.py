@@ -8,19 +8,20 @@ JPEG or PNG bytes. Producers build frames with `make_frame`, workers check them 
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 import uuid
 from typing import Any
 
-from .settings import env_int
+from .settings import frame_limits
 
 FRAME_VERSION = 1
 FRAME_KEYS = ("v", "id", "station", "ts", "seq", "image", "meta")
 
-MAX_IMAGE_BYTES = env_int(os.environ, "VQ_MAX_IMAGE_BYTES", 16 * 1024 * 1024, 1024, 1024**3)
-MAX_PIXELS = env_int(os.environ, "VQ_MAX_PIXELS", 40_000_000, 64, 10**9)
+# Read once at import: the serializer and the job class size their limits from these constants.
+_LIMITS = frame_limits()
+MAX_IMAGE_BYTES = _LIMITS.max_image_bytes
+MAX_PIXELS = _LIMITS.max_pixels
 MAX_STATION_LEN = 128
 MAX_META_KEYS = 64
 MAX_META_DEPTH = 8

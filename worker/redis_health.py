@@ -6,20 +6,31 @@ connections, then LOADING while the AOF replays), a failover (READONLY), a full 
 decides: it backs off with jitter, logs once per change of state, reports up/down to whoever
 wants to know (a metric), and gives up only after `max_outage_s` of continuous failure.
 
+Where Redis is, and with which credential, is decided here too, once for every process:
+`resolve_url` (REDIS_URL / REDIS_URL_FILE / REDIS_PASSWORD_FILE), `mask_url` for anything that
+shows a URL, and `python -m worker.redis_health exec CMD…` for `rq` commands, which take a URL only.
+
 Light: no torch; producers import it.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import structlog
 from redis import Redis
 from redis import exceptions as rex
+
+from .settings import ROWS, SettingsError, setting
 
 log = structlog.get_logger("visionqueue.redis")
 
@@ -141,14 +152,109 @@ class RedisHealth:
             return value
 
 
-def connect(url: str, *, socket_timeout: float = 10.0, **kwargs: object) -> Redis:
+# The variables are rows of worker.settings.TABLE (scope "redis"); the names stay here for messages.
+DEFAULT_REDIS_URL: str = ROWS["REDIS_URL"].default
+URL_ENV = "REDIS_URL"
+URL_FILE_ENV = "REDIS_URL_FILE"
+PASSWORD_FILE_ENV = "REDIS_PASSWORD_FILE"
+# `rq` reads its URL from here when no -u is given: a password never has to be on a command line,
+# where every local user can read it (ps, /proc/PID/cmdline).
+RQ_URL_ENV = "RQ_REDIS_URL"
+
+
+class RedisConfigError(SettingsError):
+    """A Redis URL or credential file that cannot be used; the message names the variable, never a secret."""
+
+
+def resolve_url(url: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The Redis URL to connect to, password included.
+
+    `url` (a --redis-url flag), else the contents of the file named by REDIS_URL_FILE, else
+    REDIS_URL, else redis://localhost:6379/0. With REDIS_PASSWORD_FILE, that file's contents are
+    the password (the URL names the ACL user, e.g. `redis://worker@redis:6379/0`). Why files: a
+    Kubernetes or compose secret mounted read-only reaches only the process that mounts it, where
+    an environment variable shows in `docker inspect`, crash reports and child processes. TLS is in
+    the URL too: `rediss://…?ssl_ca_certs=/ca.pem&ssl_certfile=/client.pem&ssl_keyfile=/client.key`.
+    """
+    try:
+        # Row by row, and REDIS_URL only when it is used: a --redis-url flag makes a stale variable harmless.
+        if not url:
+            url_file = setting(URL_FILE_ENV, env)
+            url = _read_secret(url_file, URL_FILE_ENV) if url_file else setting(URL_ENV, env)
+        password_file = setting(PASSWORD_FILE_ENV, env)
+    except RedisConfigError:
+        raise
+    except SettingsError as exc:
+        raise RedisConfigError(str(exc)) from None
+    if not password_file:
+        return url
+    password = _read_secret(password_file, PASSWORD_FILE_ENV)
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError as exc:
+        raise RedisConfigError(f"the Redis URL {mask_url(url)} cannot be parsed") from exc
+    if has_password:
+        # Two sources for one secret: whichever won, the other would be a silent surprise.
+        raise RedisConfigError(f"{PASSWORD_FILE_ENV} is set and the Redis URL {mask_url(url)} has a password too: "
+                               "keep one of them")
+    if parts.scheme == "unix":
+        query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), ("password", password)])
+        return f"unix://{urlunsplit(parts._replace(query=query))[len('unix:'):]}"  # keep unix:///path
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def _read_secret(path: str, variable: str) -> str:
+    try:
+        # A trailing newline is what `echo` and most editors add; it is never part of the secret.
+        value = Path(path).read_text().strip("\r\n")
+    except OSError as exc:
+        raise RedisConfigError(f"{variable}={path}: cannot read it ({exc.strerror})") from exc
+    if not value:
+        raise RedisConfigError(f"{variable}={path}: the file is empty")
+    return value
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password replaced by `***`: safe for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable as a URL: show nothing of it rather than a secret
+        return "<redis url>"
+    netloc, query = parts.netloc, parts.query
+    if password:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[-1]}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):  # redis-py also takes ?password=
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    masked = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url.startswith(f"{parts.scheme}://"):  # unix:///path keeps its slashes
+        masked = f"{parts.scheme}://{masked[len(parts.scheme) + 1:]}"
+    return masked
+
+
+def describe(conn: Redis) -> str:
+    """Where `conn` points, for a log line: host:port/db (or the socket path), never a credential."""
+    kwargs = conn.connection_pool.connection_kwargs
+    where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    user = kwargs.get("username")
+    return f"{user + '@' if user else ''}{where}/{kwargs.get('db', 0)}"
+
+
+def connect(url: str | None = None, *, socket_timeout: float = 10.0, **kwargs: object) -> Redis:
     """A client whose calls cannot hang forever on a server that went silent (a partition, a pause).
 
-    Blocking commands must block for less than `socket_timeout`.
+    `url` goes through `resolve_url` (None: REDIS_URL_FILE / REDIS_URL; REDIS_PASSWORD_FILE adds
+    the password). Blocking commands must block for less than `socket_timeout`.
     """
     kwargs.setdefault("socket_connect_timeout", 5.0)
     kwargs.setdefault("health_check_interval", 15)
-    return Redis.from_url(url, socket_timeout=socket_timeout, **kwargs)
+    return Redis.from_url(resolve_url(url), socket_timeout=socket_timeout, **kwargs)
 
 
 def with_timeouts(conn: Redis, socket_timeout: float = 10.0) -> Redis:
@@ -163,3 +269,51 @@ def with_timeouts(conn: Redis, socket_timeout: float = 10.0) -> Redis:
 
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m worker.redis_health exec CMD ARGS…`: run CMD with RQ_REDIS_URL set from `resolve_url`.
+
+    For `rq worker`, `rq info`, `rq requeue`…, which take a URL and nothing else: the password
+    comes from REDIS_PASSWORD_FILE (or REDIS_URL_FILE) into CMD's environment, never onto its
+    command line.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    usage = ("usage: python -m worker.redis_health exec CMD [ARGS...]\n\n"
+             f"Runs CMD with {RQ_URL_ENV} set from {URL_FILE_ENV} / {URL_ENV} / {PASSWORD_FILE_ENV}, e.g.\n"
+             "  python -m worker.redis_health exec rq worker --worker-class worker.BatchWorker inference\n"
+             "  python -m worker.redis_health exec rq info -S worker.serializer.MsgpackSerializer inference")
+    if args[:1] in (["-h"], ["--help"]) or args[:2] in (["exec", "-h"], ["exec", "--help"]):
+        print(usage)
+        return 0
+    if len(args) < 2 or args[0] != "exec":
+        print(usage, file=sys.stderr)
+        return 2
+    command = args[2:] if args[1] == "--" else args[1:]
+    if not command:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        url = resolve_url()
+    except RedisConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env[RQ_URL_ENV] = url
+    program = command[0]
+    if os.sep not in program and shutil.which(program, path=env.get("PATH")) is None:
+        # A virtualenv's own scripts (rq) sit beside its python, whether or not it is activated.
+        beside = Path(sys.executable).with_name(program)
+        program = str(beside) if beside.exists() else program
+    try:
+        os.execvpe(program, command, env)
+    except OSError as exc:
+        print(f"error: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # pragma: no cover - execvpe does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,6 +51,8 @@ from .artifact import (
     serving_files,
     verify_files,
 )
+from .redis_health import connect
+from .settings import ROWS, SettingsError, setting
 from .signing import (
     PUBKEY_ENV,
     SIGN_KEY_ENV,
@@ -66,7 +68,7 @@ from .signing import (
 )
 
 PREFIX = "vq:models"
-DEFAULT_KEEP = int(os.environ.get("VQ_REGISTRY_KEEP", 5))
+DEFAULT_KEEP: int = ROWS["VQ_REGISTRY_KEEP"].default  # a registry built without `keep` reads VQ_REGISTRY_KEEP
 
 
 # The float weights are stored zlib-compressed; inflated in chunks straight to disk, never past this.
@@ -128,10 +130,11 @@ def _remove(path: Path) -> None:
 
 
 class ModelRegistry:
-    def __init__(self, connection: Redis, prefix: str = PREFIX, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(self, connection: Redis, prefix: str = PREFIX, keep: int | None = None) -> None:
         self.conn = connection
         self.prefix = prefix
-        self.keep = max(2, keep)  # the current version and its predecessor always survive pruning
+        # The current version and its predecessor always survive pruning.
+        self.keep = max(2, setting("VQ_REGISTRY_KEEP") if keep is None else keep)
 
     # -- keys ---------------------------------------------------------------------------------
     @property
@@ -178,7 +181,7 @@ class ModelRegistry:
         if not version:
             raise RegistryError(f"{path}/{MANIFEST} has no version")
         version = _valid(version)
-        sign_key = sign_key or os.environ.get(SIGN_KEY_ENV) or None
+        sign_key = sign_key or setting(SIGN_KEY_ENV)
         signature = sign_manifest(manifest, sign_key) if sign_key else None
         if self.conn.zscore(self.versions_key, version) is not None:
             raise RegistryError(f"version {version} is already published")
@@ -310,7 +313,7 @@ class ModelRegistry:
         """
         version = _valid(version)
         if trusted_keys is None:
-            trusted_keys = _trusted(os.environ.get(PUBKEY_ENV))
+            trusted_keys = setting(PUBKEY_ENV)
         manifest = self.manifest(version)
         signature = self.signature(version)
         if trusted_keys:
@@ -381,23 +384,26 @@ class ModelRegistry:
         return rows
 
 
-def _trusted(value: str | None) -> tuple[str, ...]:
-    return parse_public_keys(value) if value and value.strip() else ()
+def _trusted(flag: str | None) -> tuple[str, ...]:
+    """--pubkey's keys, else $VQ_MODEL_PUBKEY's (the table reads and checks it)."""
+    return parse_public_keys(flag) if flag and flag.strip() else setting(PUBKEY_ENV)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.registry", description="The model registry in Redis.")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
-    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept (older ones are pruned)")
+    parser.add_argument("--redis-url", help="default: $REDIS_URL_FILE, else $REDIS_URL (password file: "
+                                            "$REDIS_PASSWORD_FILE)")
+    parser.add_argument("--keep", type=int, default=None,
+                        help=f"versions kept, older ones are pruned (default: $VQ_REGISTRY_KEEP, else {DEFAULT_KEEP})")
     sub = parser.add_subparsers(dest="cmd", required=True)
     pubkey_help = f"trusted public key(s): file or key, comma-separated (default: ${PUBKEY_ENV})"
     p = sub.add_parser("publish", help="store an artifact directory (and make it current)")
     p.add_argument("path")
     p.add_argument("--no-promote", action="store_true")
-    p.add_argument("--sign-key", default=os.environ.get(SIGN_KEY_ENV) or None,
+    p.add_argument("--sign-key", default=None,
                    help=f"Ed25519 private key (PEM) to sign the manifest with (default: ${SIGN_KEY_ENV})")
     p = sub.add_parser("list", help="versions, oldest first, as JSON lines (signed, and valid for the trusted keys)")
-    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
+    p.add_argument("--pubkey", default=None, help=pubkey_help)
     sub.add_parser("current", help="print the current version")
     p = sub.add_parser("promote", help="make VERSION current")
     p.add_argument("version")
@@ -407,10 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.add_argument("dest")
     p.add_argument("--float", action="store_true", help="include the float weights")
-    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
+    p.add_argument("--pubkey", default=None, help=pubkey_help)
     p = sub.add_parser("verify", help="check VERSION's signature against the trusted key(s); exit 3 if invalid")
     p.add_argument("version")
-    p.add_argument("--pubkey", default=os.environ.get(PUBKEY_ENV), help=pubkey_help)
+    p.add_argument("--pubkey", default=None, help=pubkey_help)
     p = sub.add_parser("keygen", help="write an Ed25519 signing key (signing.key, 0600) and signing.pub to DIR")
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -422,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"signing_key": str(private), "public_key": str(public), "public_key_b64": raw,
                               "key_id": key_id(raw)}))
             return 0
-        reg = ModelRegistry(Redis.from_url(args.redis_url), keep=args.keep)
+        reg = ModelRegistry(connect(args.redis_url, socket_timeout=120), keep=args.keep)  # a model is one big SET
         if args.cmd == "publish":
             print(reg.publish(args.path, promote=not args.no_promote, sign_key=args.sign_key))
         elif args.cmd == "list":
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except SignatureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (RegistryError, ArtifactError, SigningError) as exc:
+    except (RegistryError, ArtifactError, SigningError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

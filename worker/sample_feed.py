@@ -10,16 +10,33 @@ near-duplicate suppression per station (a static camera repeats itself: 64-bit d
 compared with the station's recent ones), the XADD — runs on a capture thread behind a bounded
 queue. When that queue is full or Redis is slow, samples are dropped and counted: inference never
 waits on capture.
+
+Accounting: the stream is never trimmed. An entry leaves it only when `continual.ingest` has
+stored and acknowledged it, so `XLEN continual:samples` is the backlog of un-ingested samples.
+When that backlog reaches VQ_SAMPLE_STREAM_MAXLEN the feed refuses new samples (`dropped_full`)
+instead of trimming old ones nobody ingested. The check, the XADD and the count are one Lua
+script, so the fleet-wide hash `vq:samples:counts` always satisfies
+
+    added == ingested + deleted + bad + XLEN(continual:samples)
+
+(`ingested`, `deleted`, `bad` are written by the ingester). The hash also holds `offered` (reached
+the capture thread), `duplicate`, `over_quota` and `dropped_full`; drops while Redis itself is away
+can only be counted locally (`vq_samples_total{outcome="dropped_error"}`).
+
+Redis faults: the capture thread never dies. While Redis is unavailable it drops what it is
+given (counted), skips Redis until a jittered backoff has passed, and logs once when Redis goes
+away and once when it is back.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import queue as stdqueue
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,43 +46,34 @@ import structlog
 from redis import Redis
 
 from .metrics import WorkerMetrics
+from .redis_health import RedisHealth, is_transient, with_timeouts
+from .settings import ROWS, read_scope
 
 log = structlog.get_logger("visionqueue.samples")
 
 SAMPLES_STREAM = "continual:samples"
-STRATEGIES = ("least_confidence", "margin", "entropy", "none")
+SAMPLES_COUNTS = "vq:samples:counts"  # fleet-wide hash: offered, added, dropped_full, ingested, deleted, bad, …
+STRATEGIES = ROWS["VQ_SAMPLE_STRATEGY"].choices
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    strategy: str = "least_confidence"
-    threshold: float = 0.6
-    audit_rate: float = 0.01
-    per_minute: int = 120
-    per_hour: int = 2_000
-    per_day: int = 20_000
-    per_class_hour: int = 500
-    dedup_bits: int = 6
-    dedup_window: int = 64
-    stream_maxlen: int = 20_000
-    queue_size: int = 256
+    strategy: str = ROWS["VQ_SAMPLE_STRATEGY"].default
+    threshold: float = ROWS["VQ_SAMPLE_THRESHOLD"].default
+    audit_rate: float = ROWS["VQ_SAMPLE_AUDIT_RATE"].default
+    per_minute: int = ROWS["VQ_SAMPLE_PER_MINUTE"].default
+    per_hour: int = ROWS["VQ_SAMPLE_PER_HOUR"].default
+    per_day: int = ROWS["VQ_SAMPLE_PER_DAY"].default
+    per_class_hour: int = ROWS["VQ_SAMPLE_PER_CLASS_HOUR"].default
+    dedup_bits: int = ROWS["VQ_SAMPLE_DEDUP_BITS"].default
+    dedup_window: int = 64  # internal, not a setting: recent hashes kept per station
+    stream_maxlen: int = ROWS["VQ_SAMPLE_STREAM_MAXLEN"].default
+    queue_size: int = 256  # internal, not a setting: the capture thread's queue
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> SamplingConfig:
-        from .settings import env_choice, env_float, env_int
-
-        env = dict(os.environ if env is None else env)
-        return cls(
-            strategy=env_choice(env, "VQ_SAMPLE_STRATEGY", "least_confidence", STRATEGIES),
-            threshold=env_float(env, "VQ_SAMPLE_THRESHOLD", 0.6, 0.0, 1.0),
-            audit_rate=env_float(env, "VQ_SAMPLE_AUDIT_RATE", 0.01, 0.0, 1.0),
-            per_minute=env_int(env, "VQ_SAMPLE_PER_MINUTE", 120, 0, 10**7),
-            per_hour=env_int(env, "VQ_SAMPLE_PER_HOUR", 2_000, 0, 10**8),
-            per_day=env_int(env, "VQ_SAMPLE_PER_DAY", 20_000, 0, 10**9),
-            per_class_hour=env_int(env, "VQ_SAMPLE_PER_CLASS_HOUR", 500, 0, 10**8),
-            dedup_bits=env_int(env, "VQ_SAMPLE_DEDUP_BITS", 6, -1, 64),
-            stream_maxlen=env_int(env, "VQ_SAMPLE_STREAM_MAXLEN", 20_000, 1, 10**8),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SamplingConfig:
+        """The `samples` rows of worker.settings.TABLE (VQ_SAMPLE_*); SettingsError names a bad one."""
+        return cls(**read_scope("samples", env))
 
 
 def selection_score(probs: np.ndarray, strategy: str) -> float:
@@ -111,11 +119,33 @@ class Candidate:
     image: np.ndarray
 
 
+# XADD only while the stream holds fewer than ARGV[1] entries (= un-ingested: ingest XDELs what it
+# stored), and count the outcome in the same atomic step. KEYS: stream, counts hash. ARGV: the bound,
+# then the entry's field/value pairs. Returns 1 added, 0 refused.
+_ADD_IF_ROOM = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+    redis.call('HINCRBY', KEYS[2], 'dropped_full', 1)
+    return 0
+end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('HINCRBY', KEYS[2], 'added', 1)
+return 1
+"""
+
+
 class SampleFeed:
-    def __init__(self, connection: Redis, metrics: WorkerMetrics, config: SamplingConfig | None = None) -> None:
-        self.conn = connection
+    def __init__(self, connection: Redis, metrics: WorkerMetrics, config: SamplingConfig | None = None,
+                 health: RedisHealth | None = None) -> None:
+        # Its own pool with socket timeouts: a paused or partitioned server must not hang this thread
+        # forever, whatever the worker's own connection was built with.
+        self.conn = with_timeouts(connection)
         self.metrics = metrics
         self.config = config or SamplingConfig.from_env()
+        # No outage limit here: whether the process gives up is the worker's decision, not the feed's.
+        self.health = health or RedisHealth(math.inf, what="redis (sample feed)")
+        self._retry_at = 0.0
+        self._stream_full = False
+        self._add_if_room = self.conn.register_script(_ADD_IF_ROOM)
         self._queue: stdqueue.Queue[Candidate | None] = stdqueue.Queue(maxsize=self.config.queue_size)
         self._thread = threading.Thread(target=self._run, name="vq-samples", daemon=True)
         self._rng = random.Random()
@@ -163,24 +193,43 @@ class SampleFeed:
             if cand is None:
                 return
             batch = [cand]
+            last = False
             while len(batch) < 64:
                 try:
                     nxt = self._queue.get_nowait()
                 except stdqueue.Empty:
                     break
                 if nxt is None:
-                    self._capture(batch)
-                    return
+                    last = True
+                    break
                 batch.append(nxt)
-            try:
-                self._capture(batch)
-            except Exception as exc:  # Redis slow or down: drop, count, carry on
-                self.metrics.samples.labels(outcome="dropped_error").inc(len(batch))
+            self._capture_safely(batch)
+            if last:
+                return
+
+    def _capture_safely(self, batch: list[Candidate]) -> None:
+        """`_capture`, dropping and counting the batch on any error: this thread must never die."""
+        if time.monotonic() < self._retry_at:  # Redis is away: do not knock for every batch
+            self.metrics.samples.labels(outcome="dropped_error").inc(len(batch))
+            return
+        try:
+            self._capture(batch)
+        except Exception as exc:
+            self.metrics.samples.labels(outcome="dropped_error").inc(len(batch))
+            if is_transient(exc):
+                try:
+                    self._retry_at = time.monotonic() + self.health.failed(exc)  # logs once per outage
+                except Exception:  # a shared health past its limit: the worker decides, we keep dropping
+                    self._retry_at = time.monotonic() + self.health.max_delay
+            else:
                 log.warning("samples dropped", n=len(batch), error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.health.succeeded()
 
     def _capture(self, batch: list[Candidate]) -> None:
         cfg = self.config
         hashes = [dhash(c.image) for c in batch]
+        counts = {"offered": len(batch), "duplicate": 0, "over_quota": 0}
         stations = sorted({c.frame["station"] for c in batch})
         with self.conn.pipeline(transaction=False) as pipe:
             for station in stations:
@@ -191,27 +240,46 @@ class SampleFeed:
             seen = recent[cand.frame["station"]]
             if cfg.dedup_bits >= 0 and any(bin(h ^ o).count("1") <= cfg.dedup_bits for o in seen):
                 self.metrics.samples.labels(outcome="duplicate").inc()
+                counts["duplicate"] += 1
                 continue
             seen.insert(0, h)
             keep.append((cand, h))
-        if not keep:
-            return
-        granted = self._reserve_quota([c.label for c, _ in keep])
+        granted = self._reserve_quota([c.label for c, _ in keep]) if keep else []
         now = time.time()
+        script_replies: list[int] = []  # where each XADD script's reply lands in the pipeline's replies
         with self.conn.pipeline(transaction=False) as pipe:
             for (cand, h), ok in zip(keep, granted, strict=True):
                 if not ok:
                     self.metrics.samples.labels(outcome="over_quota").inc()
+                    counts["over_quota"] += 1
                     continue
                 key = f"vq:samples:dhash:{cand.frame['station']}"
                 pipe.lpush(key, h)
                 pipe.ltrim(key, 0, cfg.dedup_window - 1)
                 pipe.expire(key, 86_400)
-                pipe.xadd(SAMPLES_STREAM, self._fields(cand, now), maxlen=cfg.stream_maxlen, approximate=True)
-            pipe.execute()
-        n = sum(granted)
-        if n:
-            self.metrics.samples.labels(outcome="captured").inc(n)
+                fields = [x for kv in self._fields(cand, now).items() for x in kv]
+                script_replies.append(len(pipe))
+                self._add_if_room(keys=[SAMPLES_STREAM, SAMPLES_COUNTS], args=[cfg.stream_maxlen, *fields],
+                                  client=pipe)
+            for field, n in counts.items():
+                if n:
+                    pipe.hincrby(SAMPLES_COUNTS, field, n)
+            replies = pipe.execute()
+        added = sum(1 for i in script_replies if replies[i] == 1)
+        refused = len(script_replies) - added
+        if added:
+            self.metrics.samples.labels(outcome="captured").inc(added)
+        if refused:
+            self.metrics.samples.labels(outcome="dropped_full").inc(refused)
+        if script_replies:
+            full = refused > 0 and added == 0
+            if full != self._stream_full:  # once per change, not once per sample
+                self._stream_full = full
+                if full:
+                    log.warning("sample stream is full of un-ingested samples: refusing new ones until "
+                                "continual.ingest catches up", bound=cfg.stream_maxlen, stream=SAMPLES_STREAM)
+                else:
+                    log.info("sample stream has room again", bound=cfg.stream_maxlen)
 
     def _reserve_quota(self, labels: list[str]) -> list[bool]:
         """Take one unit of every window's quota per sample (INCR first: no race between workers)."""

@@ -10,36 +10,57 @@ request's deadline, so a thousand waiting clients hold no threads.
 # and some name aliases local to the router factory.
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from producer.connection import redis_url as default_redis_url
 from producer.results import EXPIRED, EXPIRED_TEXT, FINISHED, Outcome
 from worker.frames import MAX_IMAGE_BYTES, MAX_STATION_LEN, FrameError, check_pixels, image_format
+from worker.redis_health import connect, is_transient
 
-from .defaults import DEFAULT_MAX_QUEUE, DEFAULT_RETRY_AFTER_S, DEFAULT_TIMEOUT, MAX_TIMEOUT
-from .guard import ApiKey, Guard, too_large
+from .defaults import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_WAITERS,
+    DEFAULT_RATE_BURST,
+    DEFAULT_RATE_LIMIT,
+    DEFAULT_REDIS_FILL,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_RETRY_AFTER_S,
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    REDIS_RETRY_AFTER_S,
+)
+from .guard import Guard, Policy, too_large
+from .limits import ANONYMOUS, ApiKeys, ByteBudget, Reservation, TokenBuckets, Waiters
 from .models import ClassifyResult, ErrorBody, Health, JobAccepted, JobErrorBody, JobView, Readiness
 from .readiness import DEFAULT_STALE_AFTER_S, check_readiness
-from .service import FrameService, QueueFull
+from .service import WORKER_FAILED, FrameService, QueueFull, public_reason, redis_problem
+
+log = structlog.get_logger("visionqueue.gateway")
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small form fields
 POLL_FIRST_S = 0.005  # first poll interval; grows to POLL_MAX_S: quick answers stay quick,
-POLL_MAX_S = 0.05  # slow ones cost Redis at most 20 round trips a second per waiting request
+POLL_MAX_S = 0.05  # slow ones cost Redis at most 20 pipelined round trips a second, for all waiters together
+DISCONNECT_CHECK_S = 1.0  # how soon a waiter notices its client went away
 DEFAULT_STATION = "gateway"
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+REDIS_SOCKET_TIMEOUT_S = 5.0  # a paused or partitioned Redis costs a request at most this long, then 503
+FLIGHT_CHECK_S = 0.25  # how stale the byte budget's view of Redis may get
+FLIGHT_CHECK_BATCH = 5000  # job statuses read per round (one pipelined round trip)
 
 ImageField = Annotated[UploadFile, File(description="the image: JPEG or PNG bytes (decided from its content)")]
 StationField = Annotated[str, Form(min_length=1, max_length=MAX_STATION_LEN,
@@ -56,44 +77,83 @@ _UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorBody, "description": "the upload is not a JPEG or PNG image"},
     422: {"model": ErrorBody, "description": (
         "the image is empty, corrupt or too many pixels, or a form field is wrong")},
-    429: {"model": ErrorBody, "description": "the inference queue is full; retry after `Retry-After` seconds",
+    408: {"model": ErrorBody, "description": "the request body did not arrive within the body timeout"},
+    429: {"model": ErrorBody, "description": "the inference queue is full, the gateway's byte budget for frames in "
+          "flight is spent, or the key is over its rate limit; retry after `Retry-After` seconds",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}},
-    503: {"model": ErrorBody, "description": "Redis is unreachable"},
+    503: {"model": ErrorBody, "description": "Redis is unavailable (down, restarting, read-only, full or paused) "
+          "or near its memory budget, or too many requests wait for results; retry after `Retry-After` seconds",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}},
 }
 
 
 def create_app(
     redis_url: str | None = None,
-    api_key: str | None = None,
+    api_key: str | Sequence[str] | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     default_timeout: float = DEFAULT_TIMEOUT,
     max_upload_bytes: int = MAX_IMAGE_BYTES,
     *,
-    max_timeout: float = MAX_TIMEOUT,
+    insecure_no_auth: bool = False,
+    max_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    redis_fill: float = DEFAULT_REDIS_FILL,
+    max_waiters: int = DEFAULT_MAX_WAITERS,
+    rate_limit: float | None = DEFAULT_RATE_LIMIT,
+    rate_burst: int = DEFAULT_RATE_BURST,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     retry_after_s: int = DEFAULT_RETRY_AFTER_S,
     connection: Redis | None = None,
 ) -> FastAPI:
     """A gateway in front of the `inference` queue of the Redis at `redis_url` (None: $REDIS_URL).
 
-    `api_key` (None: open) guards /v1/*; `max_queue` is the queue length at which submissions get
-    429; `default_timeout` is how long /v1/classify waits when the client gives no `timeout`;
-    `max_upload_bytes` bounds the image (the request body may exceed it by the form's overhead).
-    A `connection` passed in is used as it is and stays open when the app shuts down.
+    `api_key` (one key or several, one per client) guards /v1/*; without one, `insecure_no_auth`
+    must say so. `max_queue` is the queue length at which submissions get 429; `default_timeout`
+    is how long /v1/classify waits when the client gives no `timeout`, at most `max_timeout` (the
+    request timeout); `body_timeout` bounds the upload's arrival (408 past it). `max_upload_bytes`
+    bounds the image (the request body may exceed it by the form's overhead), `max_pixels` its
+    pixels. `max_inflight_bytes` bounds the image bytes read or enqueued and not yet done (429),
+    `redis_fill` the fraction of Redis's maxmemory the gateway fills with frames (503 past it);
+    `max_waiters` bounds concurrent /v1/classify requests (503); `rate_limit` frames/s with bursts
+    of `rate_burst` per key (None: no rate limit; 429). A `connection` passed in is used as it is
+    and stays open when the app shuts down.
     """
+    if not 0 < max_timeout <= MAX_TIMEOUT:
+        raise ValueError(f"max_timeout must be in (0, {MAX_TIMEOUT:g}], got {max_timeout}")
     if not 0 < default_timeout <= max_timeout:
-        raise ValueError(f"default_timeout must be in (0, {max_timeout}], got {default_timeout}")
+        raise ValueError(f"default_timeout must be in (0, {max_timeout:g}], got {default_timeout}")
+    if body_timeout <= 0 or max_pixels < 1:
+        raise ValueError(f"body_timeout and max_pixels must be positive, got {body_timeout}, {max_pixels}")
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    if not any(k.strip() for k in keys) and not insecure_no_auth:
+        raise ValueError("no API key: give at least one, or insecure_no_auth=True to serve /v1/* to anyone")
     owns_connection = connection is None
-    conn = connection or Redis.from_url(default_redis_url(redis_url), socket_connect_timeout=2, socket_timeout=5,
-                                        health_check_interval=30)
+    conn = connection or connect(default_redis_url(redis_url), socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                                 socket_connect_timeout=2.0)
     service = FrameService(conn, max_queue)
-    key = ApiKey(api_key) if api_key else None
+    api_keys = ApiKeys(keys) if any(k.strip() for k in keys) else None
+    retry_after_s = max(1, int(retry_after_s))
+    budget = ByteBudget(max_inflight_bytes, redis_fill, retry_after_s)
+    policy = Policy(
+        api_keys=api_keys, max_body_bytes=max_upload_bytes + FORM_OVERHEAD, budget=budget,
+        waiters=Waiters(max_waiters), buckets=TokenBuckets(rate_limit, rate_burst) if rate_limit else None,
+        body_timeout_s=body_timeout, request_timeout_s=max_timeout, retry_after_s=retry_after_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_connection:
-            conn.close()
+        if api_keys is None:
+            log.warning("gateway.insecure_no_auth", detail="no API key: /v1/* is open to anyone who can connect")
+        task = asyncio.create_task(_watch_flights(service, budget))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            if owns_connection:
+                conn.close()
 
     app = FastAPI(
         title="visionqueue gateway",
@@ -106,32 +166,60 @@ def create_app(
         ),
         lifespan=lifespan,
     )
-    app.add_middleware(Guard, api_key=key, max_body_bytes=max_upload_bytes + FORM_OVERHEAD)
-    app.add_exception_handler(RedisConnectionError, _redis_down)
-    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.state.policy = policy  # the load test and the tests read its counters and budget
+    app.add_middleware(Guard, policy=policy)
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
-    settings = _Settings(service, max_upload_bytes, retry_after_s)
-    app.include_router(_api_router(settings, key, default_timeout, max_timeout))
+    settings = _Settings(service, budget, max_upload_bytes, max_pixels, retry_after_s)
+    app.include_router(_api_router(settings, api_keys, default_timeout, max_timeout))
     app.include_router(_probe_router(service, stale_after_s))
     return app
+
+
+async def _watch_flights(service: FrameService, budget: ByteBudget) -> None:
+    """Keeps the byte budget true: samples Redis's memory, and gives back the bytes of frames
+    that are done (or gone), whoever waited for them. Runs for the app's lifetime."""
+    warned = False
+    while True:
+        try:
+            before = budget.enqueued_total
+            used, maxmemory = await asyncio.to_thread(service.memory)
+            budget.redis_sampled(used, maxmemory, before)
+            if not maxmemory and not warned:
+                warned = True
+                log.warning("gateway.redis_without_maxmemory",
+                            detail="Redis has no maxmemory: frames in flight are bounded by the gateway's budget only")
+            ids = list(budget.jobs)[:FLIGHT_CHECK_BATCH]
+            if ids:
+                for job_id in await asyncio.to_thread(service.settled, ids):
+                    budget.done(job_id)
+        except RedisError:
+            pass  # Redis away: keep what is held (the conservative side); the health logs the outage
+        except Exception as exc:  # the watcher must outlive any one bad round
+            log.error("gateway.flight_watch_failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(FLIGHT_CHECK_S)
 
 
 class _Settings:
     """What the upload endpoints share."""
 
-    def __init__(self, service: FrameService, max_upload_bytes: int, retry_after_s: int) -> None:
+    def __init__(self, service: FrameService, budget: ByteBudget, max_upload_bytes: int, max_pixels: int,
+                 retry_after_s: int) -> None:
         self.service = service
+        self.budget = budget
         self.max_upload_bytes = max_upload_bytes
-        self.retry_after_s = max(1, int(retry_after_s))
+        self.max_pixels = max_pixels
+        self.retry_after_s = retry_after_s
 
 
 # -- /v1 ---------------------------------------------------------------------------------------------
 
 
-def _api_router(settings: _Settings, key: ApiKey | None, default_timeout: float, max_timeout: float) -> APIRouter:
+def _api_router(settings: _Settings, key: ApiKeys | None, default_timeout: float, max_timeout: float) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["classification"],
                        dependencies=[Depends(_key_dependency(key))] if key else [])
     service = settings.service
+    poller = _Poller(service)
     auth = _UNAUTHORIZED if key else {}  # the spec shows 401 only where a key is required
     TimeoutQuery = Annotated[float, Query(gt=0, le=max_timeout, description=(
         "seconds to wait for the result before answering 504 with the job id"))]
@@ -141,15 +229,28 @@ def _api_router(settings: _Settings, key: ApiKey | None, default_timeout: float,
         responses={**auth, **_UPLOAD_ERRORS,
                    422: {"model": ErrorBody, "description": "the image was refused up front or the worker failed "
                          "it (e.g. 'FrameError: image could not be decoded …')"},
-                   502: {"model": JobErrorBody, "description": "the worker failed the frame for another reason"},
+                   502: {"model": JobErrorBody, "description": "the worker failed the frame for another reason "
+                         "(the body says no more: the reason is in the gateway's log)"},
                    504: {"model": JobErrorBody, "description": "no result within the timeout, or the frame's deadline "
                          "passed; the job id lets the client poll /v1/jobs/{job_id}"}},
     )
     async def classify(request: Request, image: ImageField, station: StationField = DEFAULT_STATION,
                        deadline_s: DeadlineField = None, timeout: TimeoutQuery = default_timeout) -> Any:
         job_id = await _accept(request, settings, image, station, deadline_s)
-        outcome = await _await_outcome(request, service, job_id, timeout)
-        return await _classify_response(request, service, job_id, outcome, timeout)
+        try:
+            outcome = await _await_outcome(request, poller, job_id, timeout)
+            if outcome is not None:
+                settings.budget.done(job_id)  # the flight watcher would notice too, a moment later
+            return await _classify_response(request, service, job_id, outcome, timeout)
+        except RedisError as exc:
+            if not is_transient(exc):
+                raise
+            # The frame is accepted and will be classified: give the client its job id to poll.
+            body = JobErrorBody(detail=f"the frame was accepted, but its result cannot be read now: Redis is "
+                                f"{redis_problem(exc)}; poll status_url", job_id=job_id, status="unknown",
+                                status_url=_status_url(request, job_id))
+            return JSONResponse(body.model_dump(), status_code=503,
+                                headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
 
     @router.post("/jobs", status_code=202, response_model=JobAccepted, summary="Submit one image; poll for the result",
                  responses={**auth, **_UPLOAD_ERRORS})
@@ -164,8 +265,8 @@ def _api_router(settings: _Settings, key: ApiKey | None, default_timeout: float,
                 responses={**auth, 404: {"model": ErrorBody, "description": "no such frame job"},
                            422: {"model": ErrorBody, "description": "not a job id"},
                            503: {"model": ErrorBody, "description": "Redis is unreachable"}})
-    def get_job(job_id: Annotated[str, Path(max_length=128, pattern=r"^[\w.:-]+$")]) -> JobView:
-        view = service.view(job_id)  # plain def: FastAPI runs it in its threadpool
+    def get_job(request: Request, job_id: Annotated[str, Path(max_length=128, pattern=r"^[\w.:-]+$")]) -> JobView:
+        view = service.view(job_id, _owner(request))  # plain def: FastAPI runs it in its threadpool
         if view is None:
             raise HTTPException(404, detail=f"no frame job {job_id!r} (never submitted, or forgotten after an hour)")
         return view
@@ -173,7 +274,7 @@ def _api_router(settings: _Settings, key: ApiKey | None, default_timeout: float,
     return router
 
 
-def _key_dependency(key: ApiKey | None) -> Any:
+def _key_dependency(key: ApiKeys | None) -> Any:
     """The API key check as a dependency: it declares both schemes in OpenAPI. `Guard` already
     refused a bad key before the body was read; this keeps the routes safe on their own."""
 
@@ -182,10 +283,15 @@ def _key_dependency(key: ApiKey | None) -> Any:
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))] = None,
     ) -> None:
         authorization = f"Bearer {bearer.credentials}" if bearer is not None else None
-        if key is not None and not key.accepts_text(x_api_key, authorization):
+        if key is not None and key.identify_text(x_api_key, authorization) is None:
             raise HTTPException(401, detail="missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
+
+
+def _owner(request: Request) -> str:
+    """Who sent the request, as the id of its API key (never the key); ANONYMOUS without auth."""
+    return getattr(request.state, "key_id", None) or ANONYMOUS
 
 
 async def _accept(request: Request, settings: _Settings, image: UploadFile, station: str,
@@ -195,24 +301,30 @@ async def _accept(request: Request, settings: _Settings, image: UploadFile, stat
     if len(data) > settings.max_upload_bytes:
         size = image.size if image.size is not None else len(data)
         raise HTTPException(413, detail=too_large(size, settings.max_upload_bytes, "image") + " (VQ_MAX_IMAGE_BYTES)")
-    _check_image(data)
+    reservation: Reservation | None = getattr(request.state, "reservation", None)
+    if reservation is not None:
+        reservation.settle(len(data))  # the form's overhead and a chunked body's guess given back
+    _check_image(data, settings.max_pixels)
     try:
         frame = settings.service.build_frame(data, station, deadline_s)
     except FrameError as exc:
         raise HTTPException(422, detail=str(exc)) from exc
     try:
-        job_id = await asyncio.to_thread(settings.service.submit, frame)
+        job_id = await asyncio.to_thread(settings.service.submit, frame, _owner(request))
     except QueueFull as exc:
         raise HTTPException(429, detail=str(exc), headers={"Retry-After": str(settings.retry_after_s)}) from exc
+    if reservation is not None:
+        settings.budget.track(job_id, reservation)
     request.state.job_id = job_id
     return job_id
 
 
-def _check_image(data: bytes) -> None:
+def _check_image(data: bytes, max_pixels: int) -> None:
     """The worker's own checks, from the bytes' header only: 415 not an image, 422 a bad one.
 
     The part's declared Content-Type is not trusted either way: clients send JPEGs as
-    application/octet-stream, and a label proves nothing about the bytes.
+    application/octet-stream, and a label proves nothing about the bytes. The pixel bound is
+    checked here, before anything decodes the image: a small file can declare 40 MP.
     """
     if not data:
         raise HTTPException(422, detail="image is empty (0 bytes)")
@@ -221,29 +333,89 @@ def _check_image(data: bytes) -> None:
     except FrameError as exc:
         raise HTTPException(415, detail=str(exc)) from exc
     try:
-        check_pixels(data)  # truncated headers, corrupt markers, decompression bombs
+        width, height = check_pixels(data)  # truncated headers, corrupt markers, decompression bombs
     except FrameError as exc:
         raise HTTPException(422, detail=str(exc)) from exc
+    if width * height > max_pixels:
+        raise HTTPException(422, detail=f"image is {width}x{height} = {width * height} pixels, over the gateway's "
+                            f"limit of {max_pixels} (--max-pixels)")
 
 
-async def _await_outcome(request: Request, service: FrameService, job_id: str, timeout: float) -> Outcome | None:
+class _Poller:
+    """One loop that polls Redis for every waiting /v1/classify request at once.
+
+    A poll per waiter would cost a Redis round trip and a thread hop each, 20 times a second:
+    2,000 waiters would be 40,000 of them a second, enough to starve the event loop (and the
+    probes) on a small host. Here it is one pipelined round trip per round, whatever the number
+    of waiters, and a round never starts before the last one ended.
+    """
+
+    def __init__(self, service: FrameService) -> None:
+        self.service = service
+        self.waiting: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self.error: RedisError | None = None  # the last round's transient failure, None after a good round
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, job_id: str, timeout: float) -> Outcome | None:
+        """`job_id`'s outcome, or None after `timeout` s; a transient RedisError if Redis was
+        away when the time ran out."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(job_id, []).append(future)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if self.error is not None:
+                raise self.error from None
+            return None
+        finally:
+            futures = self.waiting.get(job_id, [])
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                self.waiting.pop(job_id, None)
+
+    async def _run(self) -> None:
+        interval = POLL_FIRST_S
+        while self.waiting:
+            started = time.monotonic()
+            try:
+                outcomes = await asyncio.to_thread(self.service.poll_many, list(self.waiting))
+                self.error = None
+            except RedisError as exc:
+                outcomes = {}
+                if is_transient(exc):
+                    self.error = exc  # keep waiting: the health logs it once, waiters past their time get it
+                else:
+                    for futures in self.waiting.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+            for job_id, outcome in outcomes.items():
+                for future in self.waiting.get(job_id, []):
+                    if not future.done():
+                        future.set_result(outcome)
+            # A round costs more with more waiters: never poll more often than a round takes.
+            await asyncio.sleep(max(interval, time.monotonic() - started))
+            interval = min(interval * 2, POLL_MAX_S)
+
+
+async def _await_outcome(request: Request, poller: _Poller, job_id: str, timeout: float) -> Outcome | None:
     """The job's outcome, or None if it has none within `timeout` s (or the client went away).
 
     What became of it goes into the request's log line as `outcome`.
     """
     deadline = time.monotonic() + timeout
-    interval = POLL_FIRST_S
     while True:
-        outcome = await asyncio.to_thread(service.poll, job_id)
         left = deadline - time.monotonic()
-        if outcome is not None or left <= 0:
+        outcome = await poller.wait(job_id, max(0.0, min(DISCONNECT_CHECK_S, left)))
+        if outcome is not None or deadline - time.monotonic() <= 0:
             request.state.outcome = outcome.status if outcome is not None else "timeout"
             return outcome
         if await request.is_disconnected():
             request.state.outcome = "client gone"  # the frame is still classified and its result kept
             return None
-        await asyncio.sleep(min(interval, left))
-        interval = min(interval * 2, POLL_MAX_S)
 
 
 async def _classify_response(request: Request, service: FrameService, job_id: str, outcome: Outcome | None,
@@ -256,14 +428,17 @@ async def _classify_response(request: Request, service: FrameService, job_id: st
         pending = await asyncio.to_thread(service.pending, job_id)
         return _job_error(504, f"no result within {timeout:g}s (job is {pending.status}); poll status_url",
                           job_id, pending.status, url)
-    reason = outcome.reason or outcome.error or outcome.status
+    reason = outcome.reason or outcome.status
     if outcome.status == EXPIRED:
         return _job_error(504, f"the frame was not classified: {EXPIRED_TEXT}", job_id, "expired", url)
     if reason.startswith("FrameExpired"):
-        return _job_error(504, f"the frame was not classified in time: {reason}", job_id, "failed", url)
+        return _job_error(504, f"the frame was not classified in time: {public_reason(reason)}", job_id, "failed",
+                          url)
     if reason.startswith("FrameError"):
-        return _job_error(422, reason, job_id, "failed", url)
-    return _job_error(502, f"the worker did not classify the frame: {reason}", job_id, "failed", url)
+        return _job_error(422, public_reason(reason), job_id, "failed", url)
+    # The worker's exception text stays in the log: it can name hosts, paths and internals.
+    request.state.reason = reason[:500]
+    return _job_error(502, WORKER_FAILED, job_id, "failed", url)
 
 
 def _job_error(status: int, detail: str, job_id: str, job_status: str, url: str) -> JSONResponse:
@@ -280,29 +455,53 @@ def _status_url(request: Request, job_id: str) -> str:
 
 
 def _probe_router(service: FrameService, stale_after_s: float) -> APIRouter:
+    """Probes answer anyone, so they say up or down and no more; a caller with a valid API key
+    (sent as on /v1/*) also gets the reason, the workers, the model version and the queue length."""
     router = APIRouter(tags=["probes"])
 
-    @router.get("/healthz", response_model=Health, summary="Liveness: the process answers (no API key)")
-    def healthz() -> Health:
+    @router.get("/healthz", response_model=Health, response_model_exclude_none=True,
+                summary="Liveness: the process answers (no API key needed)")
+    async def healthz(request: Request) -> Health:
         # 200 even when Redis is down: restarting the gateway would not bring Redis back, so a
         # liveness probe must not fail on it. /readyz is the probe that takes Redis into account.
-        error = service.ping()
+        # Only the cached state is read: a liveness probe must answer in time while Redis hangs.
+        up = service.health.up
+        if not _authenticated(request):
+            return Health(redis=up)
+        error = await asyncio.to_thread(service.ping)
         return Health(redis=error is None, redis_error=error, version=_version())
 
-    @router.get("/readyz", response_model=Readiness, summary="Readiness: a live worker can classify (no API key)",
-                responses={503: {"model": Readiness, "description": "not ready; `reason` says why"}})
-    def readyz() -> JSONResponse:
+    @router.get("/readyz", response_model=Readiness,
+                summary="Readiness: a live worker can classify (no API key needed)",
+                responses={503: {"model": Readiness, "description": "not ready; with an API key, `reason` says why"}})
+    def readyz(request: Request) -> JSONResponse:
         try:
-            readiness = check_readiness(service.connection, service.queue, stale_after_s)
-        except REDIS_DOWN as exc:
-            readiness = Readiness(ready=False, reason=f"Redis is unreachable: {exc}")
-        return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
+            readiness = service.call(lambda: check_readiness(service.connection, service.queue, stale_after_s))
+        except RedisError as exc:
+            # The reason names the kind of fault only: no address, no server reply.
+            readiness = Readiness(ready=False, reason=f"Redis is {redis_problem(exc)}")
+        status = 200 if readiness.ready else 503
+        if not _authenticated(request):
+            return JSONResponse({"ready": readiness.ready}, status_code=status)
+        return JSONResponse(readiness.model_dump(), status_code=status)
 
     return router
 
 
-async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"Redis is unreachable: {exc}"}, status_code=503, headers={"Retry-After": "5"})
+def _authenticated(request: Request) -> bool:
+    return getattr(request.state, "key_id", None) is not None
+
+
+async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After for a fault that passes (down, restarting, READONLY, OOM, paused); 500 otherwise.
+
+    The body names the kind of fault, never the server's address or its reply: those go to the log.
+    """
+    if is_transient(exc):
+        detail = f"Redis is {redis_problem(exc)}; retry after Retry-After seconds"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+    log.error("redis error", error=f"{type(exc).__name__}: {exc}")
+    return JSONResponse({"detail": "internal error talking to Redis"}, status_code=500)
 
 
 async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:

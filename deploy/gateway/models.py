@@ -118,17 +118,17 @@ class JobErrorBody(ErrorBody):
 
 
 class Health(BaseModel):
-    """Liveness: the process answers. `redis` is reported, not required (see /healthz)."""
+    """Liveness: the process answers. `redis` is reported, not required (see /healthz).
+    `redis_error` and `version` only for a caller with a valid API key."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"status": "ok", "redis": True, "version": "0.1.0"},
-        {"status": "ok", "redis": False, "redis_error": "Error 111 connecting to redis:6379. Connection refused.",
-         "version": "0.1.0"}]})
+        {"status": "ok", "redis": True},
+        {"status": "ok", "redis": False, "redis_error": "unreachable", "version": "0.1.0"}]})
 
     status: Literal["ok"] = "ok"
     redis: bool
     redis_error: str | None = None
-    version: str
+    version: str | None = None
 
 
 class WorkerInfo(BaseModel):

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 from worker.frames import MAX_IMAGE_BYTES
-from worker.settings import ROWS, SettingsError, flag_type, gateway_settings
-
-from .defaults import MAX_TIMEOUT
+from worker.settings import ROWS, Row, SettingsError, flag_type, gateway_settings
 
 PROBE_CONNECTIONS = 256  # uvicorn's --limit-concurrency headroom: probes and uploads get through
 # Refused waiters close their connections at once, but a burst of them is still open when uvicorn
@@ -33,15 +31,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except SettingsError as exc:
         parser.error(str(exc))
 
-    def flag(group: argparse._ArgumentGroup | argparse.ArgumentParser, variable: str, name: str, default: object,
-             help: str) -> None:
-        row = ROWS[variable]
+    def flag(group: argparse._ArgumentGroup | argparse.ArgumentParser, row: Row) -> None:
+        """A flag straight from its row of the table: name, type, bounds, meaning."""
         fallback = row.shown or (f"{row.default:g}" if isinstance(row.default, float) else str(row.default))
-        group.add_argument(name, type=flag_type(variable), default=default,
-                           help=f"{help} (default ${variable}, else {fallback.replace('`', '')})")
+        default = getattr(env, row.name)
+        if row.name == "max_upload_bytes":
+            default = default or MAX_IMAGE_BYTES  # the worker's own limit unless set lower
+        group.add_argument(row.flag, type=flag_type(row.env), default=default,
+                           help=f"{row.meaning} (default ${row.env}, else {fallback.replace('`', '')})")
 
-    flag(parser, "VQ_GATEWAY_HOST", "--host", env.host, "address to listen on")
-    flag(parser, "VQ_GATEWAY_PORT", "--port", env.port, "port")
+    # The key flags are written out below: repeatable, and read together with their file.
+    rows = [row for row in ROWS.values()
+            if row.scope == "gateway" and row.flag and row.flag not in ("--api-key", "--api-key-file")]
+    for row in rows:
+        if row.flag in ("--host", "--port"):
+            flag(parser, row)
     parser.add_argument("--redis-url", default=None,
                         help="Redis with the inference queue (default $REDIS_URL_FILE, else $REDIS_URL, else "
                              "redis://localhost:6379/0; password: $REDIS_PASSWORD_FILE)")
@@ -54,30 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     auth.add_argument("--insecure-no-auth", action="store_true",
                       help="serve /v1/* to anyone who can connect (only behind something that authenticates)")
     limits = parser.add_argument_group("limits")
-    flag(limits, "VQ_GATEWAY_MAX_QUEUE", "--max-queue", env.max_queue,
-         "answer 429 while the queue holds this many frames")
-    flag(limits, "VQ_GATEWAY_TIMEOUT", "--timeout", env.timeout,
-         "seconds /v1/classify waits when the client gives no ?timeout=")
-    flag(limits, "VQ_GATEWAY_REQUEST_TIMEOUT", "--request-timeout", env.request_timeout,
-         f"the most seconds /v1/classify may wait, whatever ?timeout= says (at most {MAX_TIMEOUT:g})")
-    flag(limits, "VQ_GATEWAY_BODY_TIMEOUT", "--body-timeout", env.body_timeout,
-         "seconds a request body may take to arrive, else 408")
-    flag(limits, "VQ_GATEWAY_MAX_UPLOAD_BYTES", "--max-upload-bytes", env.max_upload_bytes or MAX_IMAGE_BYTES,
-         "largest image accepted")
-    flag(limits, "VQ_GATEWAY_MAX_PIXELS", "--max-pixels", env.max_pixels,
-         "most pixels an image may declare, checked before decoding")
-    flag(limits, "VQ_GATEWAY_MAX_INFLIGHT_BYTES", "--max-inflight-bytes", env.max_inflight_bytes,
-         "image bytes being uploaded or enqueued and not yet classified, else 429")
-    flag(limits, "VQ_GATEWAY_REDIS_FILL", "--redis-fill", env.redis_fill,
-         "fraction of Redis's maxmemory that frames may fill, else 503; no bound when Redis has no maxmemory")
-    flag(limits, "VQ_GATEWAY_MAX_WAITERS", "--max-waiters", env.max_waiters,
-         "concurrent /v1/classify requests, else 503")
-    flag(limits, "VQ_GATEWAY_RATE_LIMIT", "--rate-limit", env.rate_limit,
-         "frames/s per API key (per address without auth), else 429; 0: none")
-    flag(limits, "VQ_GATEWAY_RATE_BURST", "--rate-burst", env.rate_burst,
-         "frames a key may send at once after being idle")
-    flag(limits, "VQ_GATEWAY_LIMIT_CONCURRENCY", "--limit-concurrency", env.limit_concurrency,
-         "uvicorn's bound on connections and tasks, a backstop that answers 503 to everything, probes included")
+    for row in rows:
+        if row.flag not in ("--host", "--port"):
+            flag(limits, row)
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.api_key if k.strip()] + ([env.api_key] if env.api_key else [])
     if args.api_key_file:

@@ -313,7 +313,10 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
     if args.freeze_bn:
         argv += ["--freeze-bn"]
     if backend:
-        argv += ["--int8-backend", backend]
+        # The gate judges the int8 drop itself (--max-int8-drop): with the trainer's own stricter default, a
+        # 2-image wobble on a small validation share left the candidate fp32, and the gate then refused it as
+        # several times slower than its int8 parent.
+        argv += ["--int8-backend", backend, "--int8-max-drop", str(args.max_int8_drop)]
     else:
         argv += ["--no-quantize"]
     if args.threads:

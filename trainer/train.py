@@ -66,6 +66,7 @@ from .data import (
 from .evaluate import ARTIFACT_DIR, DEFAULT_GOOD_CLASS, SPLIT_FILE, evaluate_run, model_logits
 from .export import ExportError, export_onnx, require_onnx
 from .metrics import confusion_matrix, macro_f1, nll, summarize
+from .quantize import MAX_DROP_POINTS
 from .weights import WeightsError, check_available, load_model
 
 log = structlog.get_logger("visionqueue.train")
@@ -130,6 +131,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "~20-60 s on 2 cores; MobileNet/EfficientNet ran faster with pt2e-x86)")
     g.add_argument("--parent-version", help="the model version this one was fine-tuned from (lineage)")
     g.add_argument("--calib-images", type=int, default=256)
+    g.add_argument("--int8-max-drop", type=float, default=MAX_DROP_POINTS,
+                   help=f"points of validation accuracy int8 may lose, else the artifact stays fp32 "
+                        f"(default {MAX_DROP_POINTS:g})")
     g.add_argument("--onnx", action="store_true", help="also export RUN/export/model.onnx (needs the onnx package)")
     g.add_argument("--publish", action="store_true", help="put the artifact into the Redis registry (REDIS_URL)")
     g.add_argument("--no-promote", dest="promote", action="store_false", help="publish without making it current")
@@ -335,7 +339,8 @@ def finish(run: Path, model: nn.Module, split: Split, args: argparse.Namespace, 
                               parent_version=meta.get("parent_version"))
     if args.quantize:
         report = quantize_run(run, backend=args.int8_backend, calib_images=args.calib_images,
-                              bench=args.int8_backend == "auto", eval_split="val", seed=args.seed)
+                              max_drop=args.int8_max_drop, bench=args.int8_backend == "auto", eval_split="val",
+                              seed=args.seed)
         manifest = json.loads((artifact / "manifest.json").read_text())
         log.info("quantized", chosen=report["chosen"], fp32_val_acc=round(report["fp32"]["accuracy"], 4),
                  backends={k: {"val_acc": v["accuracy"], "speedup": v["speedup"], "error": v["error"]}

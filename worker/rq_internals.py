@@ -164,15 +164,16 @@ def new_execution(job: FrameJob, worker_name: str) -> Execution:
 
 
 def claim(pipe: Pipeline, queue: Queue, job: FrameJob, execution: Execution, ttl: int) -> None:
-    """Mark the job started under `execution` (a lease of `ttl` s) and strip what could run code."""
+    """Mark the job started under `execution` (a lease of `ttl` s); strip what could run code from a job that has it."""
     execution.save(ttl=ttl, pipeline=pipe)
     ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
     job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
     pipe.sadd(execution.worker_executions_key, execution.composite_key)
     pipe.expire(execution.worker_executions_key, ttl + 60)
     job.prepare_for_execution(execution.worker_name, pipe)
-    pipe.hdel(job.key, *FORBIDDEN_FIELDS)
-    pipe.delete(job.dependents_key)  # RQ would enqueue what it names when the job ends
+    if job.forbidden:  # seen by fetch_jobs a moment ago; planted later, recovery and record_failure strip them
+        pipe.hdel(job.key, *FORBIDDEN_FIELDS)
+        pipe.delete(job.dependents_key)  # RQ would enqueue what it names when the job ends
     pipe.persist(job.key)
     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
 

@@ -116,6 +116,16 @@ def bad_versions(tmp_path):
             "", "-x", "v\n", "a" * 65]
 
 
+def plant_manifest(reg: ModelRegistry, artifact, change) -> tuple[str, str]:
+    """Publish `artifact`, then rewrite its stored manifest with `change`, as someone with Redis access could."""
+    version = reg.publish(artifact)
+    key = f"vq:models:v:{version}:manifest"
+    planted = json.loads(reg.conn.get(key))
+    change(planted)
+    reg.conn.set(key, json.dumps(planted))
+    return version, key
+
+
 def test_path_like_and_glob_versions_are_refused_everywhere(tmp_path, redis_conn):
     reg = ModelRegistry(redis_conn)
     good = reg.publish(tiny_artifact(tmp_path / "a"))
@@ -198,12 +208,12 @@ def test_out_of_cache_file_names_are_refused(tmp_path, redis_conn):
 
     # The same manifest planted in Redis under a valid version: fetch writes nothing, anywhere.
     reg = ModelRegistry(redis_conn)
-    version = reg.publish(artifact)
-    key = f"vq:models:v:{version}:manifest"
-    planted = json.loads(redis_conn.get(key))
-    planted["files"][str(escape)] = planted["files"].pop("int8.safetensors")
-    planted["quantization"]["file"] = str(escape)
-    redis_conn.set(key, json.dumps(planted))
+
+    def escape_files(planted):
+        planted["files"][str(escape)] = planted["files"].pop("int8.safetensors")
+        planted["quantization"]["file"] = str(escape)
+
+    version, key = plant_manifest(reg, artifact, escape_files)
     cache = tmp_path / "cache"
     with pytest.raises(ArtifactError, match="not an allowed artifact file name"):
         reg.fetch(version, cache)
@@ -260,11 +270,7 @@ def test_absurd_manifests_are_refused(tmp_path, redis_conn):
     # Planted in Redis: fetch refuses before anything is written (or allocated).
     (artifact / "manifest.json").write_text(original)
     reg = ModelRegistry(redis_conn)
-    version = reg.publish(artifact)
-    key = f"vq:models:v:{version}:manifest"
-    planted = json.loads(redis_conn.get(key))
-    planted["input_size"] = [1_000_000, 1_000_000]
-    redis_conn.set(key, json.dumps(planted))
+    version, _ = plant_manifest(reg, artifact, lambda planted: planted.update(input_size=[1_000_000, 1_000_000]))
     with pytest.raises(ArtifactError, match=r"input_size must be \[height, width\], each an integer in \[16, 2048\]"):
         reg.fetch(version, tmp_path / "cache")
     assert not (tmp_path / "cache" / version).exists()

@@ -234,6 +234,13 @@ def _ride_settings(artifact: Path, **extra: str) -> dict[str, str]:
             "VQ_MAINTENANCE_INTERVAL": "1", "VQ_REDIS_OUTAGE_S": "60", **extra}
 
 
+def _slow_model_and_frames(tmp_path: Path, server: RedisServer, n: int) -> tuple[Path, Redis, list[str]]:
+    """A model slow enough (fp32 at 160 px) to be caught mid-batch, and `n` frames queued for it."""
+    conn = Redis.from_url(server.url)
+    jobs = enqueue_frames(FrameQueue(connection=conn), frames(n))
+    return tiny_artifact(tmp_path / "model", size=160), conn, [j.id for j in jobs]
+
+
 def _assert_each_frame_recorded_once(conn: Redis, ids: list[str]) -> None:
     assert all(status_of(conn, i) == "finished" for i in ids), "a frame was lost or failed"
     twice = [i for i in ids if results_written(conn, i) != 1]
@@ -242,12 +249,8 @@ def _assert_each_frame_recorded_once(conn: Redis, ids: list[str]) -> None:
 
 def test_redis_kill9_and_restart_mid_batch_loses_nothing_and_the_worker_stays(tmp_path, aof_server,
                                                                               subprocess_env):
-    artifact = tiny_artifact(tmp_path / "model", size=160)
-    conn = Redis.from_url(aof_server.url)
-    faults = RedisFaults(aof_server)
-    jobs = enqueue_frames(FrameQueue(connection=conn), frames(160))
-    ids = [j.id for j in jobs]
-    log = tmp_path / "w.log"
+    artifact, conn, ids = _slow_model_and_frames(tmp_path, aof_server, 160)
+    faults, log = RedisFaults(aof_server), tmp_path / "w.log"
     proc = start(aof_server.url, subprocess_env, "w-kill9", log, **_ride_settings(artifact))
     started = StartedJobRegistry("inference", connection=conn)
     try:
@@ -269,12 +272,8 @@ def test_redis_kill9_and_restart_mid_batch_loses_nothing_and_the_worker_stays(tm
 
 @pytest.mark.parametrize("fault", ["readonly", "oom", "pause"])
 def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, subprocess_env):
-    artifact = tiny_artifact(tmp_path / "model", size=160)
-    conn = Redis.from_url(aof_server.url)
-    faults = RedisFaults(aof_server)
-    jobs = enqueue_frames(FrameQueue(connection=conn), frames(120))
-    ids = [j.id for j in jobs]
-    log = tmp_path / "w.log"
+    artifact, conn, ids = _slow_model_and_frames(tmp_path, aof_server, 120)
+    faults, log = RedisFaults(aof_server), tmp_path / "w.log"
     # Leases outlive the fault's setup (a failover under load takes a while): no frame looks abandoned.
     proc = start(aof_server.url, subprocess_env, f"w-{fault}", log, **_ride_settings(artifact, VQ_HEARTBEAT_TTL="60"))
     started = StartedJobRegistry("inference", connection=conn)

@@ -8,7 +8,8 @@ On the same model and the same 640x480 JPEG frames, in one run:
   3. full path             loadgen process -> Redis -> `rq worker -w worker.BatchWorker` (one per core)
   4. naive baseline        loadgen process -> Redis -> plain `rq worker -w rq.worker.SimpleWorker`
                            (as many), one frame per job, model cached in the process
-  5. latency               capture->result p50/p95/p99 with frames paced at 50/70/90 % of (3)
+  5. latency               capture->result p50/p95/p99 with frames paced at 30/50/70/90 % of (3)
+`--plumbing` measures the data plane alone instead (deploy/plumbing.py).
 Prints a table and ratios, writes bench-out/bench.json and bench-out/latency.png.
 """
 
@@ -42,12 +43,12 @@ def build_artifact(out: Path, arch: str, size: int, frames: list[bytes]) -> Path
     from worker.artifact import IMAGENET_MEAN, IMAGENET_STD, write_artifact
     from worker.model import build_model
     from worker.preprocess import decode_image, to_batch
-    from worker.quant import DEFAULT_BACKEND, get_backend, observed_state
+    from worker.quant import default_backend, get_backend, observed_state
 
     torch.manual_seed(0)
     model = build_model(arch, 4).eval()
     batch = to_batch([decode_image(f, (size, size)) for f in frames[:16]], IMAGENET_MEAN, IMAGENET_STD)
-    backend = get_backend(DEFAULT_BACKEND)
+    backend = get_backend(default_backend(size))  # PT2E at tiny inputs, FX above (worker/quant.py)
     observed = backend.prepare(model, batch[:2])
     with torch.inference_mode():
         observed(batch)
@@ -208,6 +209,11 @@ def in_process_side_by_side(artifact: Path, processes: int, threads: int, a: arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plumbing" in argv:  # the data plane alone, with a near-free model (deploy/plumbing.py)
+        from .plumbing import main as plumbing
+
+        return plumbing([x for x in argv if x != "--plumbing"])
     cores = os.cpu_count() or 2
     p = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["full_path"] = stack.throughput(a.n)
         print(f"  {'full path (' + str(a.workers) + ' BatchWorkers)':40s} {figures['full_path']:8.1f} frames/s")
         latency = {}
-        for load in (0.5, 0.7, 0.9):
+        for load in (0.3, 0.5, 0.7, 0.9):
             row = stack.latency(load * figures["full_path"], a.latency_seconds)
             latency[f"{int(load * 100)}%"] = row
             print(f"  latency at {int(load * 100)}% ({row['rate_fps']:.0f} fps): p50 {row['p50_ms']:.0f} ms, "

@@ -170,12 +170,8 @@ def test_callbacks_webhooks_and_dependents_planted_on_a_held_job_never_run(tmp_p
 # -- a frame that keeps killing its worker ------------------------------------------------------
 def _hold_and_die(conn: Redis, queue: FrameQueue, ttl: int = 1) -> str:
     """What a worker that dies mid-batch leaves behind: one frame claimed under a lease nobody renews."""
-    [job_id] = rq.take_ids(conn, queue, 1)
-    [job] = rq.fetch_jobs(conn, [job_id], MsgpackSerializer)
-    with conn.pipeline() as pipe:
-        rq.claim(pipe, queue, job, rq.new_execution(job, "dead-worker"), ttl)
-        pipe.execute()
-    return job_id
+    [(job, _)] = rq.claim_batch(conn, queue, "dead-worker", [], 1, ttl, MsgpackSerializer).claimed
+    return job.id
 
 
 def test_a_frame_whose_workers_keep_dying_fails_as_poison_after_n_rescues(redis_conn):
@@ -201,11 +197,11 @@ def test_frames_stranded_on_the_intermediate_list_are_rescued_then_failed_as_poi
     queue = FrameQueue(connection=redis_conn)
     [job] = enqueue_frames(queue, frames(1))
     watch = IntermediateWatch(stale_after=0.0)
-    rq.take_ids(redis_conn, queue, 1)  # moved off the queue by a worker that died before claiming
+    rq.wait_for_id(redis_conn, queue, 1)  # moved off the queue by a worker that died before claiming
     assert watch.sweep(redis_conn, queue, 1, "sweeper", MsgpackSerializer) == {}  # first sight only
     assert watch.sweep(redis_conn, queue, 1, "sweeper", MsgpackSerializer) == {"requeued": 1}
     assert redis_conn.lrange(queue.key, 0, -1) == [job.id.encode()]
-    rq.take_ids(redis_conn, queue, 1)
+    rq.wait_for_id(redis_conn, queue, 1)
     watch.sweep(redis_conn, queue, 1, "sweeper", MsgpackSerializer)
     assert watch.sweep(redis_conn, queue, 1, "sweeper", MsgpackSerializer) == {"poison": 1}
     assert status_of(redis_conn, job.id) == "failed" and "rescued 1 times" in reason(redis_conn, job.id)

@@ -3,17 +3,23 @@
 `rq worker --worker-class worker.BatchWorker inference`
 
 One batch, end to end:
-  1. `dequeue_job_and_maintain_ttl`  wait for a free batch slot, then for the first frame; an idle
-                 worker swaps models and runs recovery here too.
-  2. `_collect`  more frames without blocking, until `max_batch`, polling client-side for at most
-                 `max_wait_ms` while fewer are ready; each job hash is size-checked in Redis first.
-  3. `_claim`    judge every job (`outcomes.judge`), mark every one started in one transaction (RQ
-                 executions, StartedJobRegistry, status) and start decoding the acceptable frames.
+  1. `dequeue_job_and_maintain_ttl`  wait for a free batch slot, then for the first frame (BLMOVE);
+                 an idle worker swaps models and runs recovery here too.
+  2. `_take`     claim it and every frame ready behind it, up to `max_batch`, in one server-side
+                 script (`rq_internals.claim_batch`): each job hash size-checked in Redis, marked
+                 started under an RQ execution with a lease, exactly as RQ marks one job.
+     `_collect`  claim more the same way, polling for at most `max_wait_ms` while fewer are ready.
+  3. `_judge`    judge every frame (`outcomes.judge`) and start decoding the acceptable ones.
   4. `_infer`    on the inference thread, while the main thread collects the next batch: wait for
                  the decodes, one forward pass, one outcome per frame (a corrupt frame fails alone).
-  5. `_finish`   on the finish thread, while the next forward pass runs: one transaction records
-                 every result or failure, RQ's registries and the results stream — unless a frame
-                 already has a terminal outcome (then it is counted as a duplicate, not written).
+  5. `_finish`   on the finish thread, while the next forward pass runs: one script call records
+                 every result or failure, RQ's registries and the results stream
+                 (`rq_internals.record_batch`); a frame that already ended is counted as a
+                 duplicate, not written again.
+
+Per frame, Python does only what needs Python (restore and judge the job, build and serialize the
+result); every per-frame Redis command runs inside the two scripts. `vq_stage_cpu_seconds_total`
+shows the split; `python -m deploy.bench --plumbing` measures it.
 
 Nothing in a job can stop the worker: every job is data (`FrameJob.restore`, `outcomes.judge`), and
 every Redis call rides through an outage of up to VQ_REDIS_OUTAGE_S (`RedisHealth`), keeping the
@@ -37,7 +43,6 @@ from typing import Any, TypeVar
 
 import structlog
 from redis import Redis
-from redis.exceptions import ResponseError
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -66,11 +71,13 @@ BLOCK_S = 1.0  # longest blocking dequeue: stop requests, idle swaps and mainten
 @dataclass
 class Batch:
     queue: Queue
-    engine: InferenceEngine
     claimed_at: float
+    started_at: str  # the claim's time as RQ's results record an execution's start
+    engine: InferenceEngine | None = None
     tasks: list[FrameTask] = field(default_factory=list)
     decode_started: float = 0.0
     record_attempts: int = 0
+    records: list[rq.Record] | None = None  # built once: a retried write sends the same
 
 
 class BatchWorker(SimpleWorker):
@@ -273,78 +280,73 @@ class BatchWorker(SimpleWorker):
             if not self._slots.acquire(timeout=BLOCK_S):
                 continue
             try:
-                job = self._dequeue_first(queue, timeout)
+                batch = self._first_claims(queue, timeout)
             except BaseException:
                 self._slots.release()
                 raise
-            if job is not None:
-                return job, queue
+            if batch is not None:
+                return batch, queue
             self._slots.release()
             if timeout is None:  # burst mode: the queue is empty
                 return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
-    def _dequeue_first(self, queue: Queue, timeout: int | None) -> FrameJob | None:
-        if timeout is None:  # burst mode: never block
-            job_id = next(iter(self._redis(lambda: rq.take_ids(self.connection, queue, 1))), None)
-        else:
-            job_id = self._redis(lambda: rq.wait_for_id(self.connection, queue, min(BLOCK_S, timeout)))
-        if job_id is None:
+    def _first_claims(self, queue: Queue, timeout: int | None) -> Batch | None:
+        """A new batch holding the first frames that are ready, or None when none came within BLOCK_S."""
+        held = []
+        if timeout is not None:  # burst mode never blocks
+            with self.metrics.stage("dequeue"):
+                job_id = self._redis(lambda: rq.wait_for_id(self.connection, queue, min(BLOCK_S, timeout)))
+            if job_id is None:
+                return None
+            held = [job_id]
+        batch = Batch(queue=queue, claimed_at=time.time(), started_at=repr(time.time()))
+        self._take(batch, held, self.settings.max_batch - len(held))
+        if not batch.tasks:
             return None
-        jobs = self._load(queue, [job_id])
-        return jobs[0] if jobs else None
+        with self._lock:  # from now on the heartbeat thread keeps the batch's leases alive
+            self._batches[id(batch)] = batch
+        return batch
 
-    def execute_job(self, job: FrameJob, queue: Queue) -> None:
+    def execute_job(self, batch: Batch, queue: Queue) -> None:
         try:
-            batch = self._claim(self._collect(job, queue), queue)
+            self._collect(batch)
+            with self.metrics.stage("claim"):
+                self._judge(batch)
         except BaseException:
+            with self._lock:
+                self._batches.pop(id(batch), None)
             self._slots.release()
             raise
         self._handoff.put(batch)
 
-    def _collect(self, first: FrameJob, queue: Queue) -> list[FrameJob]:
-        """The first job plus up to max_batch - 1 more, waiting at most max_wait_ms for them."""
-        jobs = [first]
+    def _collect(self, batch: Batch) -> None:
+        """More frames without blocking, until max_batch, waiting at most max_wait_ms for them."""
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
-        while len(jobs) < self.settings.max_batch:
-            want = self.settings.max_batch - len(jobs)
-            ids = self._redis(lambda n=want: rq.take_ids(self.connection, queue, n))
-            if ids:
-                jobs += self._load(queue, ids)
+        while len(batch.tasks) < self.settings.max_batch:
+            if self._take(batch, [], self.settings.max_batch - len(batch.tasks)):
                 continue
             if time.monotonic() >= deadline:
                 break
             # Redis resolves blocking timeouts at its `hz`, far coarser than milliseconds.
             time.sleep(0.0005)
-        return jobs
 
-    def _load(self, queue: Queue, ids: list[str]) -> list[FrameJob]:
-        """Jobs for ids taken off the queue; the gone ones (TTL ran out while queued) are counted and forgotten."""
-        fetched = self._redis(lambda: rq.fetch_jobs(self.connection, ids, self.serializer))
-        jobs, gone, not_jobs = [], [], []
-        for job_id, job in zip(ids, fetched, strict=True):
-            if job is None:
-                gone.append(job_id)
-            elif isinstance(job, rq.Unreadable) and job.not_a_hash:
-                not_jobs.append(job_id)  # nothing to record a failure into: say so, and let the id go
-                log.error("queue entry is not a job; dropped", job_id=job_id[:200], reason=job.reason)
-            elif isinstance(job, rq.Unreadable):
-                placeholder = rq.placeholder(self.connection, job_id, queue, self.serializer)
-                placeholder.defects.append(job.reason)
-                jobs.append(placeholder)
-            else:
-                jobs.append(job)
-        if gone or not_jobs:
-            self._redis(lambda: self._forget(queue, gone + not_jobs))
-            self.metrics.frames.labels(outcome="expired").inc(len(gone))
-            self.metrics.frames.labels(outcome="failed").inc(len(not_jobs))
-        return jobs
-
-    def _forget(self, queue: Queue, ids: list[str]) -> None:
-        with self.connection.pipeline(transaction=False) as pipe:
-            rq.forget_ids(pipe, queue, ids)
-            pipe.execute()
+    def _take(self, batch: Batch, held: list[str], want: int) -> int:
+        """Claim `held` and up to `want` more frames into `batch` (one script call); how many were claimed."""
+        with self.metrics.stage("claim"):
+            claims = self._redis(lambda: rq.claim_batch(self.connection, batch.queue, self.name, held, want,
+                                                        self.settings.heartbeat_ttl, self.serializer))
+            batch.tasks += [FrameTask(job=job, execution_id=eid) for job, eid in claims.claimed]
+        for job_id, reason in claims.dropped:  # nothing to record a failure into: say so, and let the id go
+            log.error("queue entry is not a job; dropped", job_id=job_id[:200], reason=reason)
+        if claims.duplicates:
+            self.metrics.frames.labels(outcome="duplicate").inc(claims.duplicates)
+        if claims.gone:
+            self.metrics.frames.labels(outcome="expired").inc(claims.gone)
+        if claims.dropped:
+            self.metrics.frames.labels(outcome="failed").inc(len(claims.dropped))
+        return len(claims.claimed)
 
     def _swap_if_ready(self) -> None:
         """Between batches: the next batch uses the new engine; batches in hand finish on theirs."""
@@ -358,64 +360,20 @@ class BatchWorker(SimpleWorker):
         self.metrics.model_swaps.labels(outcome="swapped").inc()
         log.info("model swapped", version=engine.version, previous=old.version if old else None)
 
-    def _claim(self, jobs: list[FrameJob], queue: Queue) -> Batch:
-        """Judge every job, mark the runnable and the refused ones started in one transaction, start decoding."""
+    def _judge(self, batch: Batch) -> None:
+        """Judge every claimed frame, fix the engine the batch runs on, start decoding."""
         self._swap_if_ready()
         assert self.engine is not None
-        batch = Batch(queue=queue, engine=self.engine, claimed_at=time.time())
-        duplicates = []
-        for job in jobs:
-            if job.get_status(refresh=False).value in rq.TERMINAL:
-                duplicates.append(job.id)  # run and recorded already (at-least-once): not again
-                continue
-            task = FrameTask(job=job, execution=rq.new_execution(job, self.name))
-            verdict = judge(job, batch.claimed_at)
+        batch.engine = self.engine
+        for task in batch.tasks:
+            verdict = judge(task.job, batch.claimed_at)
             if isinstance(verdict, Failure):
                 task.outcome = verdict
             else:
                 task.frame = verdict
-            batch.tasks.append(task)
-
-        self._redis(lambda: self._write_claims(batch, queue, duplicates))
-        if duplicates:
-            self.metrics.frames.labels(outcome="duplicate").inc(len(duplicates))
-        for task in batch.tasks:
-            self.executions[task.execution.id] = task.execution
-        with self._lock:
-            self._batches[id(batch)] = batch
+        self.set_state(WorkerStatus.BUSY)
         if self._overlap:
             self._start_decode(batch)
-        return batch
-
-    def _write_claims(self, batch: Batch, queue: Queue, duplicates: list[str]) -> None:
-        """One transaction for the batch; idempotent, so a retry after a broken connection writes the same again."""
-        def write(tasks: list[FrameTask], forget: list[str]) -> None:
-            with self.connection.pipeline() as pipe:
-                for task in tasks:
-                    rq.claim(pipe, queue, task.job, task.execution, self.settings.heartbeat_ttl)
-                rq.forget_ids(pipe, queue, forget)
-                rq.worker_busy(pipe, self)
-                self.heartbeat(pipeline=pipe)
-                pipe.execute()
-
-        try:
-            write(batch.tasks, duplicates)
-        except ResponseError as exc:
-            if is_transient(exc):
-                raise
-            # One job's hash refused a write (changed under us into something else): claim the
-            # others one by one and let that one go, rather than the whole batch.
-            for task in list(batch.tasks):
-                try:
-                    write([task], [])
-                except ResponseError as one:
-                    if is_transient(one):
-                        raise
-                    batch.tasks.remove(task)
-                    self._forget(queue, [task.job.id])
-                    self.metrics.frames.labels(outcome="failed").inc()
-                    log.error("frame could not be claimed; dropped", job_id=task.job.id, error=str(one)[:200])
-            self._forget(queue, duplicates)
 
     def _start_decode(self, batch: Batch) -> None:
         batch.decode_started = time.perf_counter()
@@ -433,7 +391,8 @@ class BatchWorker(SimpleWorker):
                 self._finishing.put(None)
                 return
             try:
-                self._infer(batch)
+                with self.metrics.stage("infer"):
+                    self._infer(batch)
             except Exception as exc:  # the model itself failed: nothing is known to be wrong with the frames
                 log.exception("batch failed", size=len(batch.tasks))
                 for task in batch.tasks:
@@ -483,7 +442,8 @@ class BatchWorker(SimpleWorker):
             if batch is None:
                 return
             try:
-                self.health.call(lambda b=batch: self._finish(b), stop=self._give_up)
+                with self.metrics.stage("record"):
+                    self.health.call(lambda b=batch: self._finish(b), stop=self._give_up)
             except RedisOutageError as exc:
                 self._fail_fatally(exc)
             except Exception:
@@ -492,69 +452,68 @@ class BatchWorker(SimpleWorker):
             finally:
                 with self._lock:
                     self._batches.pop(id(batch), None)
-                for task in batch.tasks:
-                    self.executions.pop(task.execution.id, None)
                 self._slots.release()
 
     def _finish(self, batch: Batch) -> None:
-        """Record every frame's outcome in one transaction; frames already terminal are duplicates.
+        """Record every frame's outcome in one script call; frames already ended are duplicates.
 
         Idempotent: run again after Redis went away mid-write, it writes nothing twice.
         """
         batch.record_attempts += 1
-        tasks = batch.tasks
+        if batch.records is None:
+            batch.records = self._records(batch)
+        codes, trimmed = rq.record_batch(
+            self.connection, batch.queue, self.name, batch.records, attempt=batch.record_attempts,
+            stream=RESULTS_STREAM, stream_maxlen=self.settings.results_maxlen,
+            working_s=(time.time() - batch.claimed_at) * len(batch.tasks))
         recorded: Counter[str] = Counter()
-
-        def write(pipe: Any) -> None:
-            states = rq.read_states(self.connection, [t.job for t in tasks])
-            recorded.clear()
-            ended = rq.now()
-            for task, (status, holder) in zip(tasks, states, strict=True):
-                if status in rq.TERMINAL:
-                    # Written by another run of the frame, or by this batch before a connection broke.
-                    recorded["ok" if batch.record_attempts > 1 and holder == self.name else "duplicate"] += 1
-                    continue
-                recorded[self._record(pipe, batch, task, ended)] += 1
-                pipe.xadd(RESULTS_STREAM, self._stream_entry(batch, task))
-            rq.worker_counts(pipe, self.key, recorded["ok"], _failures(recorded),
-                             (time.time() - batch.claimed_at) * len(tasks))
-            if self.settings.results_maxlen:
-                # The stream is a bounded live tail (the job's result is the record): trimmed once a
-                # batch, last, and what is trimmed is counted. `~` trims whole nodes: cheap.
-                pipe.xtrim(RESULTS_STREAM, maxlen=self.settings.results_maxlen, approximate=True)
-
-        while (replies := rq.transaction(self.connection, [t.job.key for t in tasks], write)) is None:
-            batch.record_attempts += 1  # a frame changed under us (another run of it): look again
-        if self.settings.results_maxlen:
-            self.metrics.results_trimmed.inc(replies[-1])
+        for task, code in zip(batch.tasks, codes, strict=True):
+            if code in ("w", "mine"):  # "mine": written by this batch before a connection broke
+                recorded[_label(task)] += 1
+            elif code == "dup":
+                recorded["duplicate"] += 1
+            elif code == "gone":
+                recorded["expired"] += 1
+                log.warning("frame's job hash vanished while in hand; nothing recorded", job_id=task.job.id)
+            else:
+                recorded["error"] += 1
+                log.error("frame's outcome could not be written", job_id=task.job.id, error=code[:200])
+        self.metrics.results_trimmed.inc(trimmed)
         for outcome, n in recorded.items():
             self.metrics.frames.labels(outcome=outcome).inc(n)
-        for task in tasks:
+        for task in batch.tasks:
             if isinstance(task.outcome, Success):
                 self.metrics.end_to_end.observe(task.outcome.result["timings"]["end_to_end_ms"] / 1000.0)
         self.successful_job_count += recorded["ok"]
         self.failed_job_count += _failures(recorded)
-        log.debug("batch done", size=len(tasks), version=batch.engine.version, **recorded)
+        log.debug("batch done", size=len(batch.tasks), version=batch.engine.version if batch.engine else None,
+                  **recorded)
 
-    def _record(self, pipe: Any, batch: Batch, task: FrameTask, ended: Any) -> str:
-        outcome = task.outcome or Failure(FailureKind.ERROR, "no outcome was set for this frame")
-        if isinstance(outcome, Success):
-            rq.record_success(pipe, task.job, task.execution, outcome.result,
-                              task.job.get_result_ttl(self.default_result_ttl), self.name, ended)
-            return "ok"
-        if outcome.kind is FailureKind.ERROR and task.job.retries_left:
-            rq.requeue(pipe, task.job, batch.queue, task.execution, spend_retry=True)
-            return "retried"
-        rq.record_failure(pipe, task.job, task.execution, outcome.text, self.name, ended)
-        return outcome.kind.value
+    def _records(self, batch: Batch) -> list[rq.Record]:
+        with self.metrics.stage("stream"):
+            entries = [self._stream_entry(batch, task) for task in batch.tasks]
+        records = []
+        for task, entry in zip(batch.tasks, entries, strict=True):
+            outcome = task.outcome or Failure(FailureKind.ERROR, "no outcome was set for this frame")
+            task.outcome = outcome
+            if isinstance(outcome, Success):
+                records.append(rq.Record.success(task.job, task.execution_id, batch.started_at, outcome.result,
+                                                 task.job.get_result_ttl(self.default_result_ttl), entry))
+            elif outcome.kind is FailureKind.ERROR and task.job.retries_left:
+                records.append(rq.Record.retry(task.job, task.execution_id))
+            else:
+                records.append(rq.Record.failure(task.job, task.execution_id, batch.started_at, outcome.text, entry))
+        return records
 
     @staticmethod
-    def _stream_entry(batch: Batch, task: FrameTask) -> dict[str, str]:
+    def _stream_entry(batch: Batch, task: FrameTask) -> dict[str, str] | None:
         if isinstance(task.outcome, Success):
             return stream_fields(task.outcome.result)
+        if task.outcome and task.outcome.kind is FailureKind.ERROR and task.job.retries_left:
+            return None  # it runs again: its outcome goes on the stream then
         station = (task.frame or {}).get("station", "")
         text = task.outcome.text if task.outcome else "no outcome"
-        return failure_fields(task.job.id, station, text, batch.engine.version)
+        return failure_fields(task.job.id, station, text, batch.engine.version if batch.engine else "")
 
     # -- heartbeats ---------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -567,14 +526,23 @@ class BatchWorker(SimpleWorker):
                 self._quietly(lambda b=batches: self._keep_alive(b))
 
     def _keep_alive(self, batches: list[Batch]) -> None:
-        with self.connection.pipeline(transaction=False) as pipe:
-            for batch in batches:
-                for task in batch.tasks:
-                    if time.time() - batch.claimed_at > (task.job.timeout or 180):
-                        continue  # a frame stuck this long is left to expire and be recovered
-                    rq.keep_alive(pipe, task.job, task.execution, self.settings.heartbeat_ttl)
-            self.heartbeat(pipeline=pipe)
-            pipe.execute()
+        held = []
+        for batch in batches:
+            age = time.time() - batch.claimed_at
+            # A frame stuck past its job timeout is left to expire and be recovered.
+            held += [(t.job.id, t.execution_id) for t in list(batch.tasks) if age <= (t.job.timeout or 180)]
+        rq.renew_leases(self.connection, self.queues[0], held, self.settings.heartbeat_ttl)
+        self.heartbeat()
+
+
+def _label(task: FrameTask) -> str:
+    """The outcome a written record counts as (see worker/outcomes.py)."""
+    outcome = task.outcome
+    if isinstance(outcome, Success):
+        return "ok"
+    if outcome is not None and outcome.kind is FailureKind.ERROR and task.job.retries_left:
+        return "retried"
+    return outcome.kind.value if outcome is not None else "error"
 
 
 def _failures(recorded: Counter[str]) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # worker/outcomes.py explains each; "rescued" counts frames taken back from dead workers.
@@ -36,6 +40,18 @@ class WorkerMetrics:
         self.redis_up.set(1)
         self.samples = Counter("vq_samples_total", "Frames offered to the learning loop, by outcome", ["outcome"],
                                registry=r)
+
+        # CPU, not wall time: what each stage of the batch loop costs, on whichever thread it runs.
+        self.stage_cpu = Counter("vq_stage_cpu_seconds_total", "Worker CPU time by stage of the batch loop",
+                                 ["stage"], registry=r)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            self.stage_cpu.labels(stage=name).inc(time.thread_time() - t0)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from rq.executions import Execution
-
 from .frames import FrameError, frame_deadline, validate_frame
 from .jobs import JOB_FUNC, FrameJob
 
@@ -66,7 +64,7 @@ class FrameTask:
     """One frame of a batch, from claim to record."""
 
     job: FrameJob
-    execution: Execution | None = None
+    execution_id: str = ""  # the RQ execution that holds its lease
     frame: dict[str, Any] | None = None  # set when the frame may run
     outcome: Outcome | None = None
     decode: Future | None = None

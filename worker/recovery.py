@@ -56,15 +56,10 @@ def _requeue_or_fail(conn: Redis, queue: Queue, job: FrameJob, execution_id: str
     if job.forbidden:  # planted after the claim: refused here as anywhere else, never run
         failure = Failure(FailureKind.REJECTED, f"job carries {', '.join(job.forbidden)}, which frames may not")
 
-    def write(pipe: Any) -> None:
-        rq.drop_lease(pipe, queue, job.id, execution_id)
-        if failure is None:
-            pipe.hincrby(job.key, "vq_rescues", 1)
-            rq.requeue(pipe, job, queue, None, spend_retry=False)
-        else:
-            rq.record_failure(pipe, job, None, failure.text, worker_name, rq.now())
-
-    if rq.transaction(conn, [job.key], write) is None:
+    record = rq.Record.rescue(job.id, execution_id) if failure is None \
+        else rq.Record.failure(job, execution_id, "", failure.text, None)
+    [code], _ = rq.record_batch(conn, queue, worker_name, [record], count=False)
+    if code != "w":
         return "raced"
     if failure is None:
         log.warning("frame taken back from a dead worker", job_id=job.id, rescues=job.rescues + 1)
@@ -106,11 +101,9 @@ class IntermediateWatch:
             job = rq.placeholder(conn, job_id, queue, serializer)
         failure = poison(rescues)
 
-        def write(pipe: Any) -> None:
-            rq.forget_ids(pipe, queue, [job_id])
-            rq.record_failure(pipe, job, None, failure.text, worker_name, rq.now())
-
-        if rq.transaction(conn, [job.key, queue.intermediate_queue_key], write) is not None:
+        [code], _ = rq.record_batch(conn, queue, worker_name, [rq.Record.failure(job, "", "", failure.text, None)],
+                                     count=False)
+        if code == "w":
             log.error("frame failed as poison", job_id=job_id, reason=failure.reason)
             return True
         return False

@@ -16,21 +16,26 @@ The rules kept here, whoever calls:
 
 from __future__ import annotations
 
+import zlib
+from base64 import b64encode
 from collections.abc import Iterable
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 from redis.exceptions import WatchError
-from rq.executions import Execution, ExecutionRegistry
+from rq.defaults import DEFAULT_FAILURE_TTL, RQ_KEY_PREFIX
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
 from rq.job import JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
 from rq.utils import as_text, current_timestamp, parse_composite_key, utcformat
 from rq.utils import now as now  # re-exported: the timestamp RQ writes
+from rq.worker import Worker
 from rq.worker_registration import clean_worker_registry
 
 from .jobs import FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS, FrameJob
@@ -38,43 +43,240 @@ from .jobs import FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS,
 TERMINAL = frozenset({JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.STOPPED.value,
                       JobStatus.CANCELED.value})
 
-# One round trip per batch; a hash that is not a hash, has too many fields or a field over its
-# bound comes back as a reason instead of its bytes (0 for a missing job).
-_FETCH_LUA = """
-local out = {}
-local max_data, max_field, max_fields = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i, key in ipairs(KEYS) do
+# Reads one job hash without trusting it (shared by every script here): the hash is size-checked
+# before a byte of it leaves Redis. Returns a code and a value: 0 missing; 1 not a hash (reason);
+# 2 a hash over its bounds (reason); 3 the flat field list, plus its status and whether it carries
+# a forbidden field. A separate `:dependents` set is reported as if it were a field.
+_READ_JOB = """
+local function read_job(key, max_data, max_field, max_fields, forbidden)
   local kind = redis.call('TYPE', key).ok
-  if kind == 'none' then
-    out[i] = 0
-  elseif kind ~= 'hash' then
-    out[i] = 'the job key holds a ' .. kind .. ', not a hash'
-  else
-    local n = redis.call('HLEN', key)
-    if n > max_fields then
-      out[i] = 'the job hash has ' .. n .. ' fields (limit ' .. max_fields .. ')'
-    else
-      local flat = redis.call('HGETALL', key)
-      local bad = nil
-      for j = 1, #flat, 2 do
-        local limit = max_field
-        if flat[j] == 'data' then limit = max_data end
-        if #flat[j] > 64 then
-          bad = 'the job hash has a field name of ' .. #flat[j] .. ' bytes'
-        elseif #flat[j + 1] > limit then
-          bad = 'job hash field ' .. flat[j] .. ' is ' .. #flat[j + 1] .. ' bytes (limit ' .. limit .. ')'
-        end
-        if bad then break end
-      end
-      if not bad and redis.call('EXISTS', key .. ':dependents') == 1 then
-        table.insert(flat, 'dependents')
-        table.insert(flat, '1')
-      end
-      out[i] = bad or flat
+  if kind == 'none' then return 0 end
+  if kind ~= 'hash' then return 1, 'the job key holds a ' .. kind .. ', not a hash' end
+  local n = redis.call('HLEN', key)
+  if n > max_fields then return 2, 'the job hash has ' .. n .. ' fields (limit ' .. max_fields .. ')' end
+  local flat = redis.call('HGETALL', key)
+  local status, strip = nil, false
+  for j = 1, #flat, 2 do
+    local name, limit = flat[j], max_field
+    if name == 'data' then limit = max_data end
+    if #name > 64 then return 2, 'the job hash has a field name of ' .. #name .. ' bytes' end
+    if #flat[j + 1] > limit then
+      return 2, 'job hash field ' .. name .. ' is ' .. #flat[j + 1] .. ' bytes (limit ' .. limit .. ')'
     end
+    if name == 'status' then status = flat[j + 1] end
+    if forbidden[name] then strip = true end
   end
+  if redis.call('EXISTS', key .. ':dependents') == 1 then
+    flat[#flat + 1] = 'dependents'
+    flat[#flat + 1] = '1'
+    strip = true
+  end
+  return 3, flat, status, strip
+end
+local TERMINAL = {finished = true, failed = true, stopped = true, canceled = true}
+-- Redis itself unwell (full, read-only, loading...): such an error can only meet a script's first
+-- write, so raising it leaves nothing written and the caller retries the whole call.
+local FAULTS = {OOM = true, READONLY = true, LOADING = true, MASTERDOWN = true, NOREPLICAS = true, MISCONF = true,
+  BUSY = true, TRYAGAIN = true, CLUSTERDOWN = true}
+-- `w(...)` runs a write: a per-key error (a planted key of the wrong type) is kept in `err` for the
+-- caller to pin on one job; a fault is kept in `fault` (bare, as Redis sends it), writes stop, and
+-- the script answers with it as its own error reply.
+local err, fault
+local function w(...)
+  if fault then return end
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    local text = string.match(r.err, '^@[^:]+: %d+: %-(%u+ [^%c]*)') or r.err
+    if FAULTS[string.match(text, '^(%u+) ') or ''] then fault = text elseif not err then err = r.err end
+  end
+  return r
+end
+local function name_set(list) local set = {} for _, v in ipairs(list) do set[v] = true end return set end
+"""
+
+_FETCH_LUA = _READ_JOB + """
+local out = {}
+local none = {}
+for i, key in ipairs(KEYS) do
+  local code, value = read_job(key, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), none)
+  out[i] = value or 0
 end
 return out
+"""
+
+# Claim a batch in one call: the ids this worker already moved to the intermediate list (a
+# blocking BLMOVE) plus up to `want` more popped off the queue. Each is read (size-checked), and
+# unless it already ended, marked started under a new execution with a lease of `ttl` s, exactly
+# as RQ's worker marks one job: execution hash, per-job execution registry, started registry,
+# the worker's execution index, the job's status fields. Fields that could run code are stripped.
+# Popped ids sit on the intermediate list until the end of the script, so an error half-way leaves
+# them where recovery finds them; a per-job write error (a planted key of the wrong type) fails
+# that job alone.
+# Per id: {id, 0} gone; {id, 1} already ended; {id, 2, reason} not a job (dropped);
+# {id, 3, execution id, fields}; {id, 4, execution id, reason} claimed, but unreadable.
+_CLAIM_LUA = _READ_JOB + """
+local queue, inter, wip, wexec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local worker, iso, ts, now, ttl, base = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local want, max_data, max_field, max_fields = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
+  tonumber(ARGV[10])
+local jp, ep, xp = ARGV[11], ARGV[12], ARGV[13]
+local nforbidden = tonumber(ARGV[14])
+local forbidden_list = {}
+for i = 1, nforbidden do forbidden_list[i] = ARGV[14 + i] end
+local forbidden = name_set(forbidden_list)
+local ids = {}
+for i = 15 + nforbidden, #ARGV do ids[#ids + 1] = ARGV[i] end
+local nheld = #ids
+local popped = {}
+if want > 0 then popped = redis.call('LPOP', queue, want) or {} end
+if #popped > 0 then redis.call('RPUSH', inter, unpack(popped)) end
+for _, id in ipairs(popped) do ids[#ids + 1] = id end
+
+local out, claimed = {}, 0
+for _, id in ipairs(ids) do
+  local jk = jp .. id
+  local code, value, status, strip = read_job(jk, max_data, max_field, max_fields, forbidden)
+  if code == 0 then out[#out + 1] = {id, 0}
+  elseif code == 1 then out[#out + 1] = {id, 2, value}
+  elseif status and TERMINAL[status] then out[#out + 1] = {id, 1}
+  else
+    claimed = claimed + 1
+    err = nil
+    local eid = base .. string.format('%04x', claimed)
+    local ck = id .. ':' .. eid
+    w('HSET', ep .. ck, 'id', eid, 'job_id', id, 'created_at', ts, 'last_heartbeat', ts, 'worker_name', worker)
+    w('EXPIRE', ep .. ck, ttl)
+    w('ZADD', xp .. id, now + ttl + 60, eid)
+    w('EXPIRE', xp .. id, ttl + 60)
+    w('ZADD', wip, now + ttl, ck)
+    w('SADD', wexec, ck)
+    w('HSET', jk, 'last_heartbeat', iso, 'status', 'started', 'started_at', iso, 'worker_name', worker)
+    w('PERSIST', jk)
+    if strip then
+      w('HDEL', jk, unpack(forbidden_list))
+      w('DEL', jk .. ':dependents')
+    end
+    if fault then return redis.error_reply(fault) end
+    if err then out[#out + 1] = {id, 4, eid, 'the frame could not be marked started: ' .. err}
+    elseif code == 2 then out[#out + 1] = {id, 4, eid, value}
+    else out[#out + 1] = {id, 3, eid, value} end
+  end
+end
+if #popped > 0 then redis.call('LTRIM', inter, 0, -#popped - 1) end
+for i = 1, nheld do redis.call('LREM', inter, 1, ids[i]) end
+if claimed > 0 then redis.call('EXPIRE', wexec, ttl + 60) end
+return out
+"""
+
+# Record a batch's outcomes in one call, each as RQ's worker records one job's: status, result
+# (rq:results:<id>), finished or failed registry, TTLs, the execution removed. A frame that
+# already ended is not written again ('dup'; 'mine' when this worker wrote it in an earlier
+# attempt whose reply was lost). Then one entry per written frame on the results stream, the
+# worker's counters, and one trim of the stream (its count is the last reply).
+# Record kinds: ok, fail, retry (model error: back at the head, one retry spent), rescue (a dead
+# worker's frame back at the head; only while it is still started).
+_RECORD_LUA = _READ_JOB + """
+local queue, inter, wip, finished, failed, wkey, wexec, stream, queues =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local worker, iso, ts, now, maxlen, attempt, working = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local jp, ep, xp, rp, count = ARGV[8], ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12])
+local nforbidden = tonumber(ARGV[13])
+local forbidden_list = {}
+for i = 1, nforbidden do forbidden_list[i] = ARGV[13 + i] end
+local i = 14 + nforbidden
+
+local function expire(key, ttl)
+  if ttl == -1 then w('PERSIST', key) else w('EXPIRE', key, ttl) end
+end
+local function score(ttl) if ttl < 0 then return '+inf' end return now + ttl end
+
+local out, ok_n, failed_n = {}, 0, 0
+while i <= #ARGV do
+  local kind, id, eid, ttl, started, a, b, nstream = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]),
+    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  if started == '' then started = ts end
+  local fields_at = i + 8
+  i = fields_at + 2 * nstream
+  local jk, rk = jp .. id, rp .. id
+  err = nil
+  local state = redis.pcall('HMGET', jk, 'status', 'worker_name')
+  local code
+  if type(state) == 'table' and state.err then code = 'error: ' .. state.err
+  elseif not state[1] and redis.call('EXISTS', jk) == 0 then code = 'gone'
+  elseif state[1] and TERMINAL[state[1]] then
+    code = (attempt > 1 and state[2] == worker) and 'mine' or 'dup'
+  elseif kind == 'rescue' and state[1] ~= 'started' then code = 'raced'
+  else
+    if kind == 'ok' then
+      w('HSET', jk, 'status', 'finished', 'ended_at', iso)
+      w('XADD', rk, 'MAXLEN', 10, '*', 'type', 1, 'worker_name', worker, 'return_value', a, 'execution_id', eid,
+        'execution_started_at', started, 'execution_ended_at', ts)
+      expire(rk, ttl)
+      if ttl ~= 0 then w('ZADD', finished, score(ttl), id) end
+      ok_n = ok_n + 1
+    elseif kind == 'fail' then
+      w('HSET', jk, 'status', 'failed', 'ended_at', iso, 'exc_info', b)
+      w('HDEL', jk, unpack(forbidden_list))
+      w('DEL', jk .. ':dependents')
+      w('ZADD', failed, score(ttl), id)
+      w('XADD', rk, 'MAXLEN', 10, '*', 'type', 2, 'worker_name', worker, 'exc_string', a, 'execution_id', eid,
+        'execution_started_at', started, 'execution_ended_at', ts)
+      expire(rk, ttl)
+      if eid == '' then w('LREM', inter, 1, id) end
+      failed_n = failed_n + 1
+    else  -- retry, rescue: back at the head of the queue (a frame is only worth anything while it is fresh)
+      w('HSET', jk, 'status', 'queued', 'enqueued_at', iso)
+      if kind == 'retry' then w('HSET', jk, 'retries_left', a) else w('HINCRBY', jk, 'vq_rescues', 1) end
+      w('LPUSH', queue, id)
+      w('SADD', queues, queue)
+    end
+    -- RQ's job.cleanup(ttl): 0 deletes the job now, a positive TTL expires it, -1 keeps it.
+    if kind == 'ok' or kind == 'fail' then
+      if ttl == 0 then w('DEL', jk, rk) elseif ttl > 0 then w('EXPIRE', jk, ttl) end
+    end
+    code = err and ('error: ' .. err) or 'w'
+    if nstream > 0 and not err then
+      local entry = {'XADD', stream, '*'}
+      for f = fields_at, fields_at + 2 * nstream - 1 do entry[#entry + 1] = ARGV[f] end
+      w(unpack(entry))
+    end
+  end
+  if eid ~= '' and code ~= 'raced' then
+    local ck = id .. ':' .. eid
+    w('DEL', ep .. ck)
+    w('ZREM', wip, ck)
+    w('ZREM', xp .. id, eid)
+    w('SREM', wexec, ck)
+  end
+  if fault then return redis.error_reply(fault) end
+  out[#out + 1] = code
+end
+if count == 1 and (ok_n > 0 or failed_n > 0) then
+  w('HINCRBY', wkey, 'successful_job_count', ok_n)
+  w('HINCRBY', wkey, 'failed_job_count', failed_n)
+  w('HINCRBYFLOAT', wkey, 'total_working_time', working)
+end
+local trimmed = 0
+if maxlen > 0 then trimmed = redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen) end
+out[#out + 1] = trimmed
+return out
+"""
+
+# Renew the leases of the frames in hand, as RQ's Execution.heartbeat does for one: only where
+# the execution is still registered (XX), so a lease that recovery already took back stays gone.
+_RENEW_LUA = """
+local wip, ep, xp, ts, now, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 6, #ARGV, 2 do
+  local id, eid = ARGV[i], ARGV[i + 1]
+  local ck = id .. ':' .. eid
+  redis.pcall('HSET', ep .. ck, 'last_heartbeat', ts)
+  redis.pcall('EXPIRE', ep .. ck, ttl)
+  redis.pcall('ZADD', wip, 'XX', now + ttl, ck)
+  redis.pcall('ZADD', xp .. id, 'XX', now + ttl + 60, eid)
+  redis.pcall('EXPIRE', xp .. id, ttl + 60)
+end
+return 0
 """
 
 # Put an id that a dead worker moved to the intermediate list back at the head of the queue: only
@@ -112,20 +314,12 @@ def wait_for_id(conn: Redis, queue: Queue, timeout: float) -> str | None:
     return None if value is None else as_text(value)
 
 
-def take_ids(conn: Redis, queue: Queue, want: int) -> list[str]:
-    """Up to `want` more ids, without blocking."""
-    with conn.pipeline(transaction=False) as pipe:
-        for _ in range(want):
-            pipe.lmove(queue.key, queue.intermediate_queue_key)
-        return [as_text(x) for x in pipe.execute() if x is not None]
-
-
 def fetch_jobs(conn: Redis, ids: list[str], serializer: Any) -> list[FrameJob | Unreadable | None]:
     """The jobs behind `ids` (None: gone, e.g. its TTL ran out while queued), size-checked in Redis first."""
     if not ids:
         return []
     keys = [FrameJob.key_for(i) for i in ids]
-    replies = conn.eval(_FETCH_LUA, len(keys), *keys, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS)
+    replies = _run(conn, _FETCH_LUA, keys, [MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS])
     jobs: list[FrameJob | Unreadable | None] = []
     for job_id, reply in zip(ids, replies, strict=True):
         if reply == 0:
@@ -133,10 +327,25 @@ def fetch_jobs(conn: Redis, ids: list[str], serializer: Any) -> list[FrameJob | 
         elif isinstance(reply, bytes | str):
             jobs.append(Unreadable(job_id, as_text(reply)))
         else:
-            job = FrameJob(job_id, connection=conn, serializer=serializer)
-            job.restore(dict(zip(reply[::2], reply[1::2], strict=True)))
-            jobs.append(job)
+            jobs.append(_restore(conn, job_id, reply, serializer))
     return jobs
+
+
+def _restore(conn: Redis, job_id: str, flat: list[bytes], serializer: Any) -> FrameJob:
+    job = FrameJob(job_id, connection=conn, serializer=serializer)
+    job.restore(dict(zip(flat[::2], flat[1::2], strict=True)))
+    return job
+
+
+_SCRIPTS: dict[str, Script] = {}
+
+
+def _run(conn: Any, source: str, keys: list[Any], args: list[Any]) -> Any:
+    """EVALSHA of `source` (loaded on first use, and again after a restart or SCRIPT FLUSH)."""
+    script = _SCRIPTS.get(source)
+    if script is None:
+        script = _SCRIPTS[source] = Script(conn, source)
+    return script(keys=keys, args=args, client=conn)
 
 
 def placeholder(conn: Redis, job_id: str, queue: Queue, serializer: Any) -> FrameJob:
@@ -155,46 +364,132 @@ def forget_ids(pipe: Pipeline, queue: Queue, ids: Iterable[str]) -> None:
 
 
 # -- claiming -----------------------------------------------------------------------------------
-def new_execution(job: FrameJob, worker_name: str) -> Execution:
-    """An execution made here, not by `Execution.create`, so a claim retried after an ambiguous
-    failure writes the same keys again instead of a second, orphaned execution."""
-    execution = Execution(id=uuid4().hex, job_id=job.id, connection=job.connection, worker_name=worker_name)
-    execution._job = job
-    return execution
+EXECUTION_PREFIX = f"{RQ_KEY_PREFIX}:execution:"
+EXECUTIONS_PREFIX = ExecutionRegistry.key_template.format("")
+RESULTS_PREFIX = Result.get_key("")
+# The forbidden names that are real hash fields ("dependents" stands for the separate set).
+_FORBIDDEN = [name for name in FORBIDDEN_FIELDS if name != "dependents"]
 
 
-def claim(pipe: Pipeline, queue: Queue, job: FrameJob, execution: Execution, ttl: int) -> None:
-    """Mark the job started under `execution` (a lease of `ttl` s); strip what could run code from a job that has it."""
-    execution.save(ttl=ttl, pipeline=pipe)
-    ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
-    job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
-    pipe.sadd(execution.worker_executions_key, execution.composite_key)
-    pipe.expire(execution.worker_executions_key, ttl + 60)
-    job.prepare_for_execution(execution.worker_name, pipe)
-    if job.forbidden:  # seen by fetch_jobs a moment ago; planted later, recovery and record_failure strip them
-        pipe.hdel(job.key, *FORBIDDEN_FIELDS)
-        pipe.delete(job.dependents_key)  # RQ would enqueue what it names when the job ends
-    pipe.persist(job.key)
-    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+@dataclass
+class Claims:
+    """What one claim call took: the claimed frames, and the ids it let go and why."""
+
+    claimed: list[tuple[FrameJob, str]] = field(default_factory=list)  # (job, execution id)
+    duplicates: int = 0  # already ended (at-least-once: not run again)
+    gone: int = 0  # no job hash (its TTL ran out while queued)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (id, why): not a job at all
 
 
-def keep_alive(pipe: Pipeline, job: FrameJob, execution: Execution, ttl: int) -> None:
-    execution.heartbeat(job.started_job_registry, ttl, pipe)
+def _stamp() -> tuple[str, str, int]:
+    """Now as RQ writes it: ISO text (job hash), float seconds (execution, result), whole seconds (scores)."""
+    stamp = now()
+    return utcformat(stamp), repr(stamp.timestamp()), current_timestamp()
 
 
-def worker_busy(pipe: Pipeline, worker: Any) -> None:
-    from rq.worker import WorkerStatus
+def claim_batch(conn: Redis, queue: Queue, worker_name: str, held: list[str], want: int, ttl: int,
+                serializer: Any) -> Claims:
+    """Claim `held` (ids this worker moved to the intermediate list) and up to `want` more off the queue."""
+    iso, ts, whole = _stamp()
+    keys = [queue.key, queue.intermediate_queue_key, queue.started_job_registry.key,
+            WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)]
+    args = [worker_name, iso, ts, whole, ttl, uuid4().hex[:28], want, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS,
+            FrameJob.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX, len(_FORBIDDEN), *_FORBIDDEN,
+            *held]
+    claims = Claims()
+    for reply in _run(conn, _CLAIM_LUA, keys, args):
+        job_id, code = as_text(reply[0]), reply[1]
+        if code == 0:
+            claims.gone += 1
+        elif code == 1:
+            claims.duplicates += 1
+        elif code == 2:
+            claims.dropped.append((job_id, as_text(reply[2])))
+        elif code == 3:
+            claims.claimed.append((_restore(conn, job_id, reply[3], serializer), as_text(reply[2])))
+        else:
+            job = placeholder(conn, job_id, queue, serializer)
+            job.defects.append(as_text(reply[3]))
+            claims.claimed.append((job, as_text(reply[2])))
+    return claims
 
-    worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+
+def renew_leases(conn: Redis, queue: Queue, held: list[tuple[str, str]], ttl: int) -> None:
+    """Extend the leases of (job id, execution id) pairs in hand by `ttl` s."""
+    if not held:
+        return
+    _, ts, whole = _stamp()
+    args: list[Any] = [EXECUTION_PREFIX, EXECUTIONS_PREFIX, ts, whole, ttl]
+    for pair in held:
+        args += pair
+    _run(conn, _RENEW_LUA, [queue.started_job_registry.key], args)
 
 
 # -- recording ----------------------------------------------------------------------------------
-def read_states(conn: Redis, jobs: list[FrameJob]) -> list[tuple[str | None, str | None]]:
-    """(status, worker name) of each job, as Redis has them now."""
-    with conn.pipeline(transaction=False) as pipe:
-        for job in jobs:
-            pipe.hmget(job.key, "status", "worker_name")
-        return [(as_text(s) if s else None, as_text(w) if w else None) for s, w in pipe.execute()]
+@dataclass
+class Record:
+    """One frame's outcome, ready for `record_batch` (see `_RECORD_LUA` for the kinds)."""
+
+    kind: str
+    job_id: str
+    execution_id: str = ""  # "" when no execution holds it (a frame failed off the intermediate list)
+    ttl: int = 0
+    started_at: str = ""
+    payload: str = ""
+    exc_info: bytes = b""
+    stream: dict[str, str] | None = None
+
+    @classmethod
+    def success(cls, job: FrameJob, execution_id: str, started_at: str, result: dict[str, Any], result_ttl: int,
+                stream: dict[str, str] | None) -> Record:
+        # As RQ's Result.serialize writes a return value: the job's serializer, then base64.
+        return cls("ok", job.id, execution_id, result_ttl, started_at,
+                   b64encode(job.serializer.dumps(result)).decode(), b"", stream)
+
+    @classmethod
+    def failure(cls, job: FrameJob, execution_id: str, started_at: str, reason: str,
+                stream: dict[str, str] | None) -> Record:
+        packed = zlib.compress(reason.encode())
+        ttl = job.failure_ttl if job.failure_ttl is not None else DEFAULT_FAILURE_TTL
+        return cls("fail", job.id, execution_id, ttl, started_at, b64encode(packed).decode(), packed, stream)
+
+    @classmethod
+    def retry(cls, job: FrameJob, execution_id: str) -> Record:
+        return cls("retry", job.id, execution_id, payload=str(max(0, (job.retries_left or 1) - 1)))
+
+    @classmethod
+    def rescue(cls, job_id: str, execution_id: str) -> Record:
+        return cls("rescue", job_id, execution_id)
+
+    def args(self) -> list[Any]:
+        fields = self.stream or {}
+        out: list[Any] = [self.kind, self.job_id, self.execution_id, self.ttl, self.started_at, self.payload,
+                          self.exc_info, len(fields)]
+        for name, value in fields.items():
+            out += (name, value)
+        return out
+
+
+def record_batch(conn: Redis, queue: Queue, worker_name: str, records: list[Record],
+                 attempt: int = 1, stream: str = "", stream_maxlen: int = 0, working_s: float = 0.0,
+                 count: bool = True) -> tuple[list[str], int]:
+    """Write every record in one call. Per record: 'w' written, 'dup' / 'mine' already ended, 'gone'
+    (no job hash), 'raced' (a rescue of a frame no longer started), or 'error: ...'; and the
+    number of entries trimmed off `stream`. `count`: add to the worker's RQ counters (not for a
+    frame recovered on behalf of a dead worker)."""
+    iso, ts, whole = _stamp()
+    keys = [queue.key, queue.intermediate_queue_key, queue.started_job_registry.key,
+            FinishedJobRegistry(queue.name, connection=conn).key, FailedJobRegistry(queue.name, connection=conn).key,
+            Worker.redis_worker_namespace_prefix + worker_name, WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name),
+            stream or "-",
+            Queue.redis_queues_keys]
+    args: list[Any] = [worker_name, iso, ts, whole, stream_maxlen if stream else 0, attempt, repr(working_s),
+                       FrameJob.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX, RESULTS_PREFIX,
+                       int(count), len(_FORBIDDEN), *_FORBIDDEN]
+    for record in records:
+        args += record.args()
+    replies = _run(conn, _RECORD_LUA, keys, args)
+    return [as_text(r) for r in replies[:-1]], int(replies[-1])
 
 
 def transaction(conn: Redis, watch: list[str], write: Any) -> list[Any] | None:
@@ -211,50 +506,6 @@ def transaction(conn: Redis, watch: list[str], write: Any) -> list[Any] | None:
             return pipe.execute()
         except WatchError:
             return None
-
-
-def record_success(pipe: Pipeline, job: FrameJob, execution: Execution | None, result: dict[str, Any],
-                   result_ttl: int, worker_name: str, ended: datetime) -> None:
-    # Only the fields that changed: RQ's job.save() would rewrite the whole hash, frame included.
-    job._status = JobStatus.FINISHED
-    job.ended_at = ended
-    pipe.hset(job.key, mapping={"status": JobStatus.FINISHED.value, "ended_at": utcformat(ended)})
-    Result.create(job, Result.Type.SUCCESSFUL, ttl=result_ttl, return_value=result, worker_name=worker_name,
-                  pipeline=pipe, execution_id=execution.id if execution else None,
-                  execution_started_at=execution.created_at if execution else None, execution_ended_at=ended)
-    if result_ttl != 0:
-        job.finished_job_registry.add(job, result_ttl, pipe)
-    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-    if execution is not None:
-        execution.delete(job=job, pipeline=pipe)
-
-
-def record_failure(pipe: Pipeline, job: FrameJob, execution: Execution | None, reason: str, worker_name: str,
-                   ended: datetime) -> None:
-    job._status = JobStatus.FAILED
-    job.ended_at = ended
-    pipe.hdel(job.key, *FORBIDDEN_FIELDS)  # nothing that reads the failed job later may run them
-    pipe.delete(job.dependents_key)
-    job._handle_failure(reason, pipe, worker_name=worker_name, execution_id=execution.id if execution else None,
-                        execution_started_at=execution.created_at if execution else None,
-                        execution_ended_at=ended)
-    if execution is not None:
-        execution.delete(job=job, pipeline=pipe)
-
-
-def requeue(pipe: Pipeline, job: FrameJob, queue: Queue, execution: Execution | None, spend_retry: bool) -> None:
-    """Back at the head of the queue (a frame is only worth anything while it is fresh)."""
-    if spend_retry and job.retries_left:
-        job.retries_left -= 1
-    queue._enqueue_job(job, pipeline=pipe, at_front=True)
-    if execution is not None:
-        execution.delete(job=job, pipeline=pipe)
-
-
-def worker_counts(pipe: Pipeline, worker_key: str, ok: int, failed: int, working_s: float) -> None:
-    pipe.hincrby(worker_key, "successful_job_count", ok)
-    pipe.hincrby(worker_key, "failed_job_count", failed)
-    pipe.hincrbyfloat(worker_key, "total_working_time", working_s)
 
 
 # -- recovery of frames whose worker died -------------------------------------------------------

@@ -100,7 +100,8 @@ def is_uncertain(probs: np.ndarray, strategy: str, threshold: float) -> bool:
 
 def dhash(image: np.ndarray) -> int:
     """64-bit difference hash of an RGB image: near-identical frames differ in a few bits."""
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    # np.asarray: a frame decoded on the GPU comes back to the host here (one small copy, off the hot path).
+    gray = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
     small = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
     return int(np.packbits(bits).view(">u8")[0])

@@ -1,0 +1,169 @@
+"""The claim and record scripts write exactly what RQ's own worker writes, and fail one job at a time.
+
+Everything is read back through RQ's own API (Job, Execution, registries, Result), on a real
+redis-server.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import jpeg
+from redis import Redis
+from redis.exceptions import OutOfMemoryError
+from rq.executions import Execution
+from rq.job import JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.worker import Worker
+
+from worker import rq_internals as rq
+from worker.frames import make_frame
+from worker.jobs import RESULTS_STREAM, FrameJob, FrameQueue, enqueue_frames
+from worker.redis_health import is_transient
+from worker.serializer import MsgpackSerializer
+
+
+def _queue(conn: Redis, n: int) -> tuple[FrameQueue, list[str]]:
+    queue = FrameQueue(connection=conn)
+    jobs = enqueue_frames(queue, [make_frame(jpeg(16, 16, seed=i), station="s", seq=i) for i in range(n)])
+    return queue, [j.id for j in jobs]
+
+
+def _fetch(conn: Redis, job_id: str) -> FrameJob:
+    return FrameJob.fetch(job_id, connection=conn, serializer=MsgpackSerializer)
+
+
+def test_a_claim_marks_each_job_started_as_rq_would(redis_conn):
+    queue, ids = _queue(redis_conn, 3)
+    held = rq.wait_for_id(redis_conn, queue, 1)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [held], 5, 30, MsgpackSerializer)
+    assert [job.id for job, _ in claims.claimed] == ids
+    assert redis_conn.llen(queue.key) == 0 and redis_conn.llen(queue.intermediate_queue_key) == 0
+    started = StartedJobRegistry(queue.name, connection=redis_conn)
+    assert sorted(started.get_job_ids(cleanup=False)) == sorted(ids)
+    for job, execution_id in claims.claimed:
+        fresh = _fetch(redis_conn, job.id)
+        assert fresh.get_status() == JobStatus.STARTED and fresh.worker_name == "w1"
+        execution = Execution.fetch(execution_id, job.id, connection=redis_conn)
+        assert execution.worker_name == "w1"
+        assert redis_conn.ttl(execution.key) > 0 and redis_conn.ttl(job.key) == -1  # leased; the job persists
+        assert [e.id for e in fresh.get_executions()] == [execution_id]
+    assert len(redis_conn.smembers("rq:worker:w1:executions")) == 3
+
+
+def test_a_record_writes_results_and_registries_that_rq_reads(redis_conn):
+    queue, _ = _queue(redis_conn, 3)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 3, 30, MsgpackSerializer)
+    (ok, eid_ok), (bad, eid_bad), (retry, eid_retry) = claims.claimed
+    records = [rq.Record.success(ok, eid_ok, "1764330000.5", {"label": "scratch"}, 300, {"status": "ok"}),
+               rq.Record.failure(bad, eid_bad, "1764330000.5", "FrameError: truncated", {"status": "failed"}),
+               rq.Record.retry(retry, eid_retry)]
+    codes, trimmed = rq.record_batch(redis_conn, queue, "w1", records, stream=RESULTS_STREAM, stream_maxlen=1000)
+    assert codes == ["w", "w", "w"] and trimmed == 0
+
+    done = _fetch(redis_conn, ok.id)
+    assert done.get_status() == JobStatus.FINISHED and done.return_value() == {"label": "scratch"}
+    assert done.latest_result().execution_id == eid_ok and 0 < redis_conn.ttl(done.key) <= 300
+    assert FinishedJobRegistry(queue.name, connection=redis_conn).get_job_ids() == [ok.id]
+
+    failed = _fetch(redis_conn, bad.id)
+    assert failed.get_status() == JobStatus.FAILED
+    assert failed.latest_result().exc_string == "FrameError: truncated"
+    assert FailedJobRegistry(queue.name, connection=redis_conn).get_job_ids() == [bad.id]
+
+    again = _fetch(redis_conn, retry.id)
+    assert again.get_status() == JobStatus.QUEUED and again.retries_left == retry.retries_left - 1
+    assert redis_conn.lrange(queue.key, 0, -1) == [retry.id.encode()]
+
+    assert StartedJobRegistry(queue.name, connection=redis_conn).get_job_ids(cleanup=False) == []
+    assert redis_conn.keys("rq:execution:*") == [] and redis_conn.smembers("rq:worker:w1:executions") == set()
+    assert redis_conn.xlen(RESULTS_STREAM) == 2  # the retried frame goes on the stream when it ends
+    worker = Worker.find_by_key("rq:worker:w1", connection=redis_conn)
+    assert worker is None or (worker.successful_job_count, worker.failed_job_count) == (1, 1)
+    assert redis_conn.hget("rq:worker:w1", "successful_job_count") == b"1"
+
+
+def test_a_frame_that_already_ended_is_never_written_again(redis_conn):
+    queue, _ = _queue(redis_conn, 1)
+    [(job, eid)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
+    record = rq.Record.success(job, eid, "1.0", {"label": "a"}, 300, {"status": "ok"})
+    assert rq.record_batch(redis_conn, queue, "w1", [record], stream=RESULTS_STREAM)[0] == ["w"]
+    # the same batch again after a lost reply: this worker's own write
+    assert rq.record_batch(redis_conn, queue, "w1", [record], attempt=2, stream=RESULTS_STREAM)[0] == ["mine"]
+    # another run of the frame (rescued while the first was slow) ends as a duplicate
+    other = rq.Record.failure(job, "", "1.0", "WorkerError: late", {"status": "failed"})
+    assert rq.record_batch(redis_conn, queue, "w2", [other], stream=RESULTS_STREAM)[0] == ["dup"]
+    assert _fetch(redis_conn, job.id).get_status() == JobStatus.FINISHED
+    assert redis_conn.xlen(RESULTS_STREAM) == 1
+    # ... and a claim lets an ended frame go instead of running it twice
+    queue.connection.lpush(queue.key, job.id)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer)
+    assert claims.duplicates == 1 and not claims.claimed
+
+
+def test_gone_and_not_a_job_ids_are_let_go_and_counted(redis_conn):
+    queue, [real] = _queue(redis_conn, 1)
+    redis_conn.rpush(queue.key, "vanished", "planted")
+    redis_conn.set(FrameJob.key_for("planted"), "a string, not a hash")
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 10, 30, MsgpackSerializer)
+    assert [j.id for j, _ in claims.claimed] == [real] and claims.gone == 1
+    assert claims.dropped == [("planted", "the job key holds a string, not a hash")]
+    assert redis_conn.llen(queue.intermediate_queue_key) == 0
+
+
+def test_a_planted_key_of_the_wrong_type_fails_its_own_job_only(redis_conn):
+    queue, ids = _queue(redis_conn, 3)
+    redis_conn.set(f"rq:executions:{ids[1]}", "planted")  # ZADD on it will fail
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 3, 30, MsgpackSerializer)
+    defects = {job.id: job.defects for job, _ in claims.claimed}
+    assert defects[ids[0]] == [] and defects[ids[2]] == []
+    assert "could not be marked started" in defects[ids[1]][0] and "WRONGTYPE" in defects[ids[1]][0]
+    records = [rq.Record.failure(j, e, "1.0", f"FrameError: {j.defects[0]}", None) if j.defects
+               else rq.Record.success(j, e, "1.0", {"label": "a"}, 300, None) for j, e in claims.claimed]
+    assert rq.record_batch(redis_conn, queue, "w1", records)[0] == ["w", "w", "w"]
+    assert [_fetch(redis_conn, i).get_status() for i in ids] == [JobStatus.FINISHED, JobStatus.FAILED,
+                                                                 JobStatus.FINISHED]
+
+
+def test_an_oversized_job_hash_is_claimed_with_its_defect_and_never_fetched(redis_conn):
+    queue, [job_id] = _queue(redis_conn, 1)
+    redis_conn.hset(FrameJob.key_for(job_id), "description", "x" * 70_000)
+    [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
+    assert job.defects == ["job hash field description is 70000 bytes (limit 65536)"]
+    assert job.data == b""
+
+
+@pytest.mark.parametrize("script", ["claim", "record"])
+def test_a_full_redis_fails_the_whole_call_transiently_and_writes_nothing(redis_conn, script):
+    queue, ids = _queue(redis_conn, 2)
+    held = rq.wait_for_id(redis_conn, queue, 1)
+    claims = None
+    if script == "record":
+        claims = rq.claim_batch(redis_conn, queue, "w1", [held], 1, 30, MsgpackSerializer)
+    redis_conn.set("filler", "x" * 200_000)
+    redis_conn.config_set("maxmemory", 100_000)
+    try:
+        with pytest.raises(OutOfMemoryError) as caught:
+            if claims is None:
+                rq.claim_batch(redis_conn, queue, "w1", [held], 0, 30, MsgpackSerializer)
+            else:
+                rq.record_batch(redis_conn, queue, "w1", [rq.Record.success(j, e, "1.0", {"label": "a"}, 300, None)
+                                                          for j, e in claims.claimed])
+    finally:
+        redis_conn.config_set("maxmemory", 0)
+    assert is_transient(caught.value)
+    expected = JobStatus.QUEUED if claims is None else JobStatus.STARTED
+    assert {_fetch(redis_conn, i).get_status() for i in (ids[0],)} == {expected}
+    if claims is None:
+        assert redis_conn.lrange(queue.intermediate_queue_key, 0, -1) == [held.encode()]
+
+
+def test_leases_are_renewed_only_where_they_still_exist(redis_conn):
+    queue, _ = _queue(redis_conn, 2)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 2, 5, MsgpackSerializer)
+    (a, ea), (b, eb) = claims.claimed
+    started = StartedJobRegistry(queue.name, connection=redis_conn)
+    redis_conn.zrem(started.key, f"{b.id}:{eb}")  # recovery took this one back
+    before = redis_conn.zscore(started.key, f"{a.id}:{ea}")
+    rq.renew_leases(redis_conn, queue, [(a.id, ea), (b.id, eb)], 600)
+    assert redis_conn.zscore(started.key, f"{a.id}:{ea}") > before + 500
+    assert redis_conn.zscore(started.key, f"{b.id}:{eb}") is None

@@ -35,7 +35,15 @@ from torch import nn
 
 from worker.artifact import INT8_FILE, load_float_model, read_manifest, write_artifact
 from worker.model import to_inference
-from worker.quant import BACKENDS, DEFAULT_BACKEND, CompiledInt8, QuantizationError, get_backend, observed_state
+from worker.quant import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    CompiledInt8,
+    QuantizationError,
+    default_backend,
+    get_backend,
+    observed_state,
+)
 
 from .data import EvalDataset, Sample, collate_eval, load_split
 from .evaluate import ARTIFACT_DIR, SPLIT_FILE, model_logits
@@ -195,7 +203,7 @@ def quantize_run(run: Path | str, backend: str = "auto", calib_images: int = CAL
         if c not in eligible:
             log.warning("int8 accuracy drop too large", backend=c.backend, fp32=round(fp32_acc, 4),
                         int8=round(c.accuracy or 0.0, 4), max_drop_points=max_drop)
-    chosen = choose(eligible, bench)
+    chosen = choose(eligible, bench, default_backend(manifest["input_size"]))
     if chosen is None:
         log.warning("artifact stays fp32: no int8 backend qualified", arch=manifest["arch"],
                     errors={c.backend: c.error for c in candidates if c.error})
@@ -233,12 +241,13 @@ def quantize_run(run: Path | str, backend: str = "auto", calib_images: int = CAL
     return report
 
 
-def choose(eligible: Sequence[Int8Candidate], measured: bool) -> Int8Candidate | None:
+def choose(eligible: Sequence[Int8Candidate], measured: bool,
+           preferred: str = DEFAULT_BACKEND) -> Int8Candidate | None:
     """The default backend unless another is at least PREFER_MARGIN faster (compile cost and shape
     specialisation are not worth a few percent); without measurements, the default when it qualifies."""
     if not eligible:
         return None
-    default = next((c for c in eligible if c.backend == DEFAULT_BACKEND), None)
+    default = next((c for c in eligible if c.backend == preferred), None)
     if not measured:
         return default or eligible[0]
     fastest = max(eligible, key=lambda c: c.images_per_s or 0.0)

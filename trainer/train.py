@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from worker.artifact import IMAGENET_MEAN, IMAGENET_STD, write_artifact
 from worker.model import build_model
-from worker.quant import BACKENDS, DEFAULT_BACKEND
+from worker.quant import BACKENDS, DEFAULT_BACKEND, SMALL_INPUT_SIDE, default_backend
 
 from . import plots, recipe
 from .calibrate import fit_temperature
@@ -125,8 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g = p.add_argument_group("artifact")
     g.add_argument("--no-quantize", dest="quantize", action="store_false", help="write an fp32-only artifact")
-    g.add_argument("--int8-backend", default=DEFAULT_BACKEND, choices=["auto", *sorted(BACKENDS)],
-                   help=f"default {DEFAULT_BACKEND} (as fast as pt2e-x86 on resnet18, no compile); auto measures "
+    g.add_argument("--int8-backend", default=None, choices=["auto", *sorted(BACKENDS)],
+                   help=f"default: by input size, pt2e-x86 at {SMALL_INPUT_SIDE} px or less, else {DEFAULT_BACKEND} "
+                        "(as fast as pt2e-x86 on resnet18 there, no compile; worker/quant.py); auto measures "
                         "every backend and keeps the default unless another is 10%% faster (adds a PT2E compile, "
                         "~20-60 s on 2 cores; MobileNet/EfficientNet ran faster with pt2e-x86)")
     g.add_argument("--parent-version", help="the model version this one was fine-tuned from (lineage)")
@@ -338,7 +339,7 @@ def finish(run: Path, model: nn.Module, split: Split, args: argparse.Namespace, 
                               temperature=temperature, metrics=metrics, extra=extra,
                               parent_version=meta.get("parent_version"))
     if args.quantize:
-        report = quantize_run(run, backend=args.int8_backend, calib_images=args.calib_images,
+        report = quantize_run(run, backend=args.int8_backend or default_backend(size), calib_images=args.calib_images,
                               max_drop=args.int8_max_drop, bench=args.int8_backend == "auto", eval_split="val",
                               seed=args.seed)
         manifest = json.loads((artifact / "manifest.json").read_text())

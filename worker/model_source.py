@@ -11,7 +11,7 @@ from redis import Redis
 from .artifact import SIGNATURE_FILE, is_valid_version, load_for_serving, read_manifest
 from .redis_health import is_transient
 from .registry import InvalidVersionError, ModelRegistry, RegistryError
-from .runtime import InferenceEngine, resolve_device
+from .runtime import InferenceEngine, resolve_decode_device, resolve_device
 from .settings import Settings
 from .signing import verify_manifest
 
@@ -67,10 +67,13 @@ def _load_one(settings: Settings, connection: Redis | None, version: str | None)
     path = current_artifact(settings, connection, version)
     serving = load_for_serving(path, device=device, precision=settings.precision)
     engine = InferenceEngine(serving, device=device, decode_threads=settings.decode_threads,
-                             topk=settings.topk, max_batch=settings.max_batch)
+                             topk=settings.topk, max_batch=settings.max_batch,
+                             decode_device=resolve_decode_device(settings.decode_device, device),
+                             compile_mode=settings.compile)
     engine.warm_up()
     log.info("model loaded", version=engine.version, arch=serving.manifest["arch"], precision=engine.precision,
-             device=device, path=str(path), signed_by_trusted_key=bool(settings.model_pubkeys))
+             device=device, decode_device=engine.decode_device, compile=engine.compile_mode, path=str(path),
+             signed_by_trusted_key=bool(settings.model_pubkeys))
     return engine
 
 

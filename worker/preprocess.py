@@ -48,6 +48,39 @@ def decode_image(data: bytes, size: tuple[int, int] | list[int], max_pixels: int
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def stack_uint8(images: list[np.ndarray], pad_to: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Stack RGB uint8 HWC images into one (N, H, W, 3) uint8 array, zero images appended up to `pad_to`.
+
+    `out` (at least that many rows) is written in place and a view of it returned: on CUDA it is a pinned
+    host buffer reused across batches, so no allocation and no pinning happens per batch.
+    """
+    n = len(images)
+    total = max(n, pad_to or 0)
+    h, w = images[0].shape[:2]
+    if out is None:
+        stacked = np.zeros((total, h, w, 3), dtype=np.uint8)
+    else:
+        stacked = out[:total]
+        stacked[n:] = 0
+    np.stack(images, out=stacked[:n])
+    return stacked
+
+
+def normalize_uint8(batch: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """(N, H, W, 3) uint8 on any device -> normalized float (N, 3, H, W) in channels_last memory, same device.
+
+    NHWC uint8 seen as NCHW with channels_last strides: the float conversion keeps that layout, and
+    normalisation is one fused multiply-add in place. The CPU and the GPU path both run exactly this.
+    """
+    import torch
+
+    x = batch.permute(0, 3, 1, 2).float()
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = (1.0 / (255.0 * std_t)).to(x.device)
+    shift = (-torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(x.device)
+    return x.mul_(scale).add_(shift)
+
+
 def to_batch(images: list[np.ndarray], mean: list[float], std: list[float], pad_to: int | None = None) -> torch.Tensor:
     """Stack RGB uint8 HWC images into a normalized float NCHW tensor in channels_last memory.
 
@@ -55,14 +88,4 @@ def to_batch(images: list[np.ndarray], mean: list[float], std: list[float], pad_
     """
     import torch
 
-    n = len(images)
-    total = max(n, pad_to or 0)
-    h, w = images[0].shape[:2]
-    stacked = np.zeros((total, h, w, 3), dtype=np.uint8)
-    np.stack(images, out=stacked[:n])
-    # NHWC uint8 seen as NCHW with channels_last strides: the float conversion keeps that layout,
-    # and normalisation is one fused multiply-add in place.
-    batch = torch.from_numpy(stacked).permute(0, 3, 1, 2).float()
-    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-    shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
-    return batch.mul_(scale).add_(shift)
+    return normalize_uint8(torch.from_numpy(stack_uint8(images, pad_to)), mean, std)

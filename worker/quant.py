@@ -28,6 +28,29 @@ once. So `fx-x86` is the default; trainer.quantize switches an artifact to `pt2e
 measures it at least 10 % faster (FINDINGS: MobileNet-V3 and EfficientNet-B0 run 1.3-1.7x faster
 under PT2E than under FX).
 FX is deprecated in torch 2.x: when it goes, `pt2e-x86` becomes the default here.
+
+Small inputs (issue 10: FX's per-op Python dispatch was 23 % of a worker serving resnet18 int8 at
+16 px). `python -m worker.quant --compare --threads T` (random-init resnet18, channels_last input,
+PT2E compiled with freezing, qconv lowered; median of 5 interleaved rounds; this 2-core AVX-512 VNNI
+EPYC, shared and busy, 2026-11-28), PT2E / FX images/s:
+
+    threads 1   batch 1          batch 32          batch 256
+    16 px       1115/1859 0.60   20816/17184 1.21  29497/28017 1.05
+    32 px       1450/1746 0.83   10004/8931  1.12  11182/10713 1.04
+    64 px       1011/1135 0.89   2578/2420   1.07  2748/2660   1.03
+    224 px       222/226  0.98     265/256   1.04    217/216   1.01
+    threads 2   batch 1          batch 8           batch 32          batch 256
+    16 px       1630/2031 0.80   10774/2254 4.78   28107/7189 3.91   52029/33170 1.57
+    32 px       1328/1596 0.83   4379/1270  3.45   8989/3817  2.35   20767/16511 1.26
+    224 px       309/336  0.92    475/458   1.04    493/475   1.04    379/359   1.06
+
+At 224 px the two are within noise, so FX stays the default there (no compile, no warm-up per batch
+size). At 32 px and below PT2E wins at every batch size above 1, by 4-21 % single-threaded and
+1.3-4.8x with two threads (FX pays a dispatch and a thread-pool fork/join per op on tiny tensors);
+it loses ~0.4 ms per frame at batch 1, where a worker is idle anyway. So `default_backend(size)`
+(and `get_backend("auto", size)`) picks `pt2e-x86` when the input's larger side is at most
+SMALL_INPUT_SIDE, `fx-x86` otherwise. 64 px (1.03-1.07x single-threaded; the two-thread run was
+too noisy to use) stays on FX.
 """
 
 from __future__ import annotations
@@ -39,6 +62,7 @@ import torch
 from torch import nn
 
 DEFAULT_BACKEND = "fx-x86"
+SMALL_INPUT_SIDE = 32  # at or below this, the compiled PT2E graph beats FX's per-op dispatch (table above)
 
 
 class QuantizationError(RuntimeError):
@@ -155,7 +179,16 @@ class CompiledInt8(nn.Module):
 BACKENDS: dict[str, Int8Backend] = {FxX86Backend.name: FxX86Backend(), Pt2eX86Backend.name: Pt2eX86Backend()}
 
 
+def default_backend(input_size: tuple[int, int] | list[int] | int | None = None) -> str:
+    """The int8 backend to use when nothing else decides: by input size (module docstring's table)."""
+    if input_size is None:
+        return DEFAULT_BACKEND
+    side = input_size if isinstance(input_size, int) else max(int(s) for s in input_size)
+    return Pt2eX86Backend.name if side <= SMALL_INPUT_SIDE else DEFAULT_BACKEND
+
+
 def get_backend(name: str) -> Int8Backend:
+    """A backend by name (`default_backend(input_size)` names the one to use when nothing else decides)."""
     try:
         return BACKENDS[name]
     except KeyError:
@@ -178,3 +211,82 @@ def rebuild_int8(
     except RuntimeError as exc:
         raise QuantizationError(f"int8 state does not match the architecture: {exc}") from exc
     return backend.convert(observed)
+
+
+# -- measurement: `python -m worker.quant --compare` ---------------------------------------------------
+def compare(arch: str, sizes: list[int], batches: list[int], threads: int, seconds: float, rounds: int) -> list[dict]:
+    """images/s of fx-x86 and pt2e-x86 on the same random-init model, interleaved rounds, median.
+
+    Speed does not depend on the weights; the input is channels_last float, as the runtime feeds it.
+    """
+    import statistics
+    import time
+
+    from .model import build_model
+
+    torch.set_num_threads(threads)
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        float_model = build_model(arch, 4).eval()
+        calib = torch.randn(16, 3, size, size)
+        models = {}
+        for name in (FxX86Backend.name, Pt2eX86Backend.name):
+            backend = get_backend(name)
+            observed = backend.prepare(float_model, calib[:2])
+            with torch.inference_mode():
+                observed(calib)
+            models[name] = backend.convert(observed).eval()
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            compile_s = {}
+            with torch.inference_mode():
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    model(x)
+                    compile_s[name] = time.perf_counter() - t0
+                    model(x)
+                for _ in range(rounds):
+                    for name, model in models.items():
+                        n, t0 = 0, time.perf_counter()
+                        while n == 0 or time.perf_counter() - t0 < seconds:
+                            model(x)
+                            n += 1
+                        times[name].append((time.perf_counter() - t0) / n)
+            row = {"size": size, "batch": batch, **{name: batch / statistics.median(ts) for name, ts in times.items()},
+                   "first_call_s": compile_s}
+            rows.append(row)
+            print(f"{arch} @{size:<4} batch {batch:<4} fx-x86 {row['fx-x86']:9.1f}  pt2e-x86 {row['pt2e-x86']:9.1f}"
+                  f"  pt2e/fx {row['pt2e-x86'] / row['fx-x86']:.2f}  (first call {compile_s['pt2e-x86']:.1f} s)",
+                  flush=True)
+    from torch._dynamo.utils import counters
+
+    print("inductor qconv lowered:", counters["inductor"]["qconv_unary_lower_count"], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m worker.quant", description="compare the int8 backends' speed")
+    p.add_argument("--compare", action="store_true", required=True)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--sizes", default="16,32,64,224")
+    p.add_argument("--batches", default="1,32,256")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=0.5, help="per model per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args(argv)
+    rows = compare(a.arch, [int(s) for s in a.sizes.split(",")], [int(b) for b in a.batches.split(",")],
+                   a.threads, a.seconds, a.rounds)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,6 +2,12 @@
 
 Used by the BatchWorker (many frames a call) and by the plain per-frame job function.
 It knows nothing about Redis or RQ.
+
+On CUDA (the "GPU path" section of the README): frames go to the device as uint8 through a pinned
+buffer and a side stream (`worker.device_batch`), JPEGs can be decoded there too
+(`worker.gpu_decode`, VQ_DECODE_DEVICE), the float model runs under fp16/bf16 autocast in
+channels_last, and VQ_COMPILE captures it with torch.compile (CUDA graphs with `reduce-overhead`)
+at the padded batch sizes, each warmed before the first frame.
 """
 
 from __future__ import annotations
@@ -10,18 +16,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
 
 from .artifact import ServingModel
+from .device_batch import DeviceBatcher
 from .frames import FrameError
-from .preprocess import decode_image, to_batch
+from .gpu_decode import DeviceDecodePool, JpegBatchDecoder, TorchvisionJpegDecoder
+from .preprocess import decode_image
 
 log = structlog.get_logger("visionqueue.runtime")
 
 PAD_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+COMPILE_MODES = ("off", "reduce-overhead", "max-autotune")
 
 
 def resolve_device(device: str) -> str:
@@ -30,6 +40,30 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"VQ_DEVICE={device} but torch sees no CUDA device")
     return device
+
+
+def resolve_decode_device(decode_device: str, device: str) -> str:
+    """Where JPEGs are decoded: `auto` follows the model onto CUDA; `cuda` needs the model there too."""
+    if decode_device == "cpu":
+        return "cpu"
+    if decode_device == "auto":
+        return device if device.startswith("cuda") else "cpu"
+    if not device.startswith("cuda"):
+        raise RuntimeError(f"VQ_DECODE_DEVICE={decode_device} needs the model on CUDA (VQ_DEVICE is {device})")
+    return device
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile for a fixed set of batch sizes (the runtime pads to them and warms each one)."""
+    if mode == "off":
+        return model
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; one of {', '.join(COMPILE_MODES)}")
+    import torch._dynamo.config
+
+    # one graph (and with reduce-overhead one CUDA graph) per pad size: 1, 2, 4 … max_batch must all fit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(PAD_SIZES) + 2)
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 @dataclass
@@ -45,7 +79,11 @@ class InferenceEngine:
     """A loaded model plus the decode pool that feeds it."""
 
     def __init__(self, serving: ServingModel, device: str = "cpu", decode_threads: int = 2, topk: int = 3,
-                 max_batch: int = 32) -> None:
+                 max_batch: int = 32, decode_device: str = "cpu", compile_mode: str = "off",
+                 jpeg_decoder: JpegBatchDecoder | None = None) -> None:
+        """`decode_device` (resolved: `cpu` or a cuda device) picks nvJPEG for JPEGs; `jpeg_decoder`
+        overrides the device decoder (tests run torchvision's batched decode on the CPU through it).
+        `compile_mode` applies to float models; an int8 model keeps its backend's own compilation."""
         self.serving = serving
         self.device = device
         self.manifest = serving.manifest
@@ -58,6 +96,19 @@ class InferenceEngine:
         self.max_batch = max_batch
         self.pad_sizes = [s for s in PAD_SIZES if s < max_batch] + [max_batch]
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="vq-decode")
+        if jpeg_decoder is None and decode_device != "cpu":
+            jpeg_decoder = TorchvisionJpegDecoder(decode_device)
+        self._device_decode = (DeviceDecodePool(jpeg_decoder, self.input_size, self._pool)
+                               if jpeg_decoder is not None else None)
+        self.compile_mode = compile_mode if self.precision != "int8" else "off"
+        self.model = compile_model(serving.model, self.compile_mode)
+        # a compiled graph is specialised to its batch sizes, like the PT2E int8 graph
+        self.shape_specialized = serving.shape_specialized or self.compile_mode != "off"
+        self._batcher = DeviceBatcher(device, self.input_size, self.mean, self.std, max_batch)
+
+    @property
+    def decode_device(self) -> str:
+        return self._device_decode.decoder.device if self._device_decode is not None else "cpu"
 
     @property
     def version(self) -> str:
@@ -68,16 +119,21 @@ class InferenceEngine:
         return self.serving.precision
 
     def close(self, wait: bool = True) -> None:
-        """Stop the decode pool; decodes already submitted still complete."""
+        """Stop the decode pools; decodes already submitted still complete."""
+        if self._device_decode is not None:
+            self._device_decode.close(wait=wait)  # first: its refusals go on to the CPU pool
         self._pool.shutdown(wait=wait)
 
     # -- decode -------------------------------------------------------------------------------
     def submit_decode(self, images: list[bytes]) -> list[Future]:
-        """Start decoding in the pool; each future yields an RGB array or raises FrameError."""
+        """Start decoding; each future yields an RGB HWC uint8 array (CPU pool), a `DeviceImage` (JPEG
+        decoded on the device), or raises FrameError for that image alone."""
+        if self._device_decode is not None:
+            return self._device_decode.submit(images)
         return [self._pool.submit(decode_image, data, self.input_size) for data in images]
 
-    def decode(self, images: list[bytes]) -> list[np.ndarray | FrameError]:
-        out: list[np.ndarray | FrameError] = []
+    def decode(self, images: list[bytes]) -> list[Any]:
+        out: list[Any] = []
         for fut in self.submit_decode(images):
             try:
                 out.append(fut.result())
@@ -87,7 +143,7 @@ class InferenceEngine:
 
     # -- forward ------------------------------------------------------------------------------
     def _pad_target(self, n: int) -> int | None:
-        if not self.serving.shape_specialized:
+        if not self.shape_specialized:
             return None
         return next(s for s in self.pad_sizes if s >= n)
 
@@ -99,18 +155,20 @@ class InferenceEngine:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return nullcontext()
 
-    def forward(self, images: list[np.ndarray]) -> np.ndarray:
-        """Calibrated class probabilities, one row per image."""
+    def forward(self, images: list[Any]) -> np.ndarray:
+        """Calibrated class probabilities, one row per image (host arrays and `DeviceImage`s, mixed)."""
         n = len(images)
         if n == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        batch = to_batch(images, self.mean, self.std, pad_to=self._pad_target(n))
-        if self.device != "cpu":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
-            logits = self.serving.model(batch)[:n]
+        with torch.inference_mode():
+            batch = self._batcher.batch(images, max(n, self._pad_target(n) or 0))
+            if self.compile_mode == "reduce-overhead":
+                # the CUDA graph's output buffer is overwritten by the next replay: say a new step begins
+                torch.compiler.cudagraph_mark_step_begin()
+            with self._autocast():
+                logits = self.model(batch)[:n]
             probs = torch.softmax(logits.float() / self.temperature, dim=1)
-        return probs.cpu().numpy()
+            return self._batcher.to_host(probs)
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         out = []
@@ -126,9 +184,16 @@ class InferenceEngine:
         t0 = time.perf_counter()
         h, w = self.input_size
         blank = np.zeros((h, w, 3), dtype=np.uint8)
-        sizes = self.pad_sizes if self.serving.shape_specialized else [min(2, self.max_batch)]
+        sizes = self.pad_sizes if self.shape_specialized else [min(2, self.max_batch)]
+        # CUDA graphs are recorded on a size's second or third call, not its first
+        rounds = 3 if self.compile_mode == "reduce-overhead" else 1
         for size in sizes:
-            self.forward([blank] * size)
+            for _ in range(rounds):
+                self.forward([blank] * size)
+        if self._device_decode is not None and not self._device_decode.probe():
+            self._device_decode.close()
+            self._device_decode = None  # nvJPEG unusable here: every frame takes the CPU pool
         seconds = time.perf_counter() - t0
-        log.info("model warmed up", version=self.version, batch_sizes=sizes, seconds=round(seconds, 2))
+        log.info("model warmed up", version=self.version, batch_sizes=sizes, seconds=round(seconds, 2),
+                 compile=self.compile_mode, decode_device=self.decode_device)
         return seconds

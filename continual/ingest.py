@@ -15,6 +15,14 @@ Two ways to run it:
   for longer than `--claim-idle`, rides through Redis outages of up to VQ_REDIS_OUTAGE_S (backoff,
   one log line per change) and stops cleanly on SIGTERM/SIGINT after the batch in hand.
 
+Past one Redis (`worker.shards`): every shard has its own `continual:samples` stream (a sample
+stays on its station's shard, next to its frame). With a shard map (REDIS_URLS_FILE / REDIS_URLS,
+or `--redis-urls`), `ingest(conn, store)` drains `conn` and then every other shard (one that stays
+away past VQ_REDIS_OUTAGE_S is skipped with a warning: its samples wait in its stream), and
+`--follow` reads all shards round-robin in one thread (one store writer; a shard that is down is
+skipped while it backs off, so the others keep flowing; the service gives up only when every shard
+has been away past the limit). Counts are per shard, in each shard's `vq:samples:counts`.
+
 Accounting, in the fleet-wide hash `vq:samples:counts` next to the feed's `added`: each entry is
 counted exactly once, by whoever's XACK removed it from the group's pending list, as `ingested`,
 `bad` (unparseable, not stored) or `deleted` (gone from the stream while pending: XAUTOCLAIM's
@@ -29,6 +37,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import structlog
@@ -38,6 +48,7 @@ from redis.exceptions import ResponseError
 from worker.frames import FrameError, image_format
 from worker.redis_health import RedisHealth, RedisOutageError, connect, is_transient
 from worker.sample_feed import SAMPLES_COUNTS, SAMPLES_STREAM
+from worker.shards import ShardMap, shard_map
 
 from .store import SampleStore
 
@@ -101,20 +112,136 @@ def _row(fields: dict[bytes, bytes], store: SampleStore) -> dict[str, Any]:
 
 
 def ingest(conn: Redis, store: SampleStore, batch: int = 256, stop_after: int | None = None,
-           health: RedisHealth | None = None) -> dict[str, int]:
+           health: RedisHealth | None = None, shards: ShardMap | None = None,
+           other_shards: bool = True) -> dict[str, int]:
     """Drain the stream into the store; counts of rows added, entries acknowledged, bad and deleted entries.
 
-    With `health`, transient Redis errors are waited out (RedisOutageError past its limit).
+    With `health`, transient Redis errors are waited out (RedisOutageError past its limit). With a
+    shard map (`shards`, else the configured one) and `other_shards`, every other shard is drained too,
+    after `conn`.
     """
-    ingester = _Ingester(conn, store, health or RedisHealth(outage_limit(), what="redis (ingest)"), batch)
+    counts = _drain(conn, store, health or RedisHealth(outage_limit(), what="redis (ingest)"), batch, stop_after)
+    if stop_after is None and other_shards:
+        # The updater calls this with its one connection: the other shards' samples come along.
+        for index, other in _other_shards(conn, shards):
+            try:
+                more = _drain(other, store, RedisHealth(outage_limit(), what=f"redis shard {index} (ingest)"),
+                              batch, None)
+            except RedisOutageError as exc:
+                log.warning("shard skipped: its samples stay in its stream until the next ingest", shard=index,
+                            error=str(exc))
+                continue
+            finally:
+                other.close()
+            counts = {k: counts[k] + more[k] for k in counts}
+    log.info("ingested samples", **counts)
+    return counts
+
+
+def _drain(conn: Redis, store: SampleStore, health: RedisHealth, batch: int, stop_after: int | None) -> dict[str, int]:
+    ingester = _Ingester(conn, store, health, batch)
     ingester.ensure_group()
     # Pending entries of earlier (dead) ingesters first, then new ones.
     ingester.claim(min_idle_ms=0)
     while stop_after is None or ingester.counts["acked"] < stop_after:
         if not ingester.read_new(block_ms=None):
             break
-    log.info("ingested samples", **ingester.counts)
     return dict(ingester.counts)
+
+
+def _where(conn: Redis) -> tuple[object, ...]:
+    kwargs = conn.connection_pool.connection_kwargs
+    return kwargs.get("path") or kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
+
+
+def _other_shards(conn: Redis, shards: ShardMap | None = None) -> Iterator[tuple[int, Redis]]:
+    """(index, client) of every shard of `shards` (default: the configured map) that is not `conn`'s server."""
+    shards = shards or shard_map()
+    if shards is None or len(shards) < 2:
+        return
+    here = _where(conn)
+    for index in range(len(shards)):
+        other = connect(shards.url(index))
+        if _where(other) == here:
+            other.close()
+            continue
+        yield index, other
+
+
+class _Skip(Exception):
+    """This shard failed transiently; it is tried again after its backoff, the others meanwhile."""
+
+
+class _ShardIngester:
+    """One shard's ingester in the round-robin of `follow_shards`: a Redis call never waits, it fails over
+    to the next shard; the shard's own health times its next try and says when it has been away too long."""
+
+    def __init__(self, index: int, conn: Redis, store: SampleStore, max_outage_s: float, batch: int) -> None:
+        self.index = index
+        self.health = RedisHealth(max_outage_s, what=f"redis shard {index} (ingest)")
+        self.ingester = _Ingester(conn, store, self.health, batch)
+        self.ingester._redis = self._once  # type: ignore[method-assign]
+        self.next_try = 0.0
+        self.gone = False  # away longer than the limit; still retried, at the longest backoff
+        self.grouped = False
+        self.last_claim = 0.0
+
+    def _once(self, fn: Any) -> Any:
+        try:
+            value = fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            try:
+                delay = self.health.failed(exc)
+            except RedisOutageError as outage:
+                if not self.gone:
+                    log.error("shard away past the limit; still retrying it", shard=self.index, error=str(outage))
+                self.gone = True
+                delay = self.health.max_delay
+            self.next_try = time.monotonic() + delay
+            raise _Skip from exc
+        self.health.succeeded()
+        self.gone = False
+        return value
+
+    def step(self, block_ms: int | None, claim_idle_ms: int, claim_every_s: float) -> bool:
+        """One read (claiming abandoned entries now and then); True when it stored something."""
+        if time.monotonic() < self.next_try:
+            return False
+        try:
+            if not self.grouped:
+                self.ingester.ensure_group()
+                self.grouped = True
+            if time.monotonic() - self.last_claim > claim_every_s:
+                self.ingester.claim(min_idle_ms=claim_idle_ms)
+                self.last_claim = time.monotonic()
+            return self.ingester.read_new(block_ms=block_ms)
+        except _Skip:
+            return False
+
+
+def follow_shards(conns: Sequence[Redis], store: SampleStore, stop: threading.Event, max_outage_s: float,
+                  batch: int = 256, claim_idle_ms: int = CLAIM_IDLE_MS, block_ms: int = BLOCK_MS) -> dict[str, int]:
+    """`follow` over several shards in one thread, round-robin; per-shard counts summed.
+
+    Raises RedisOutageError only when every shard has been away longer than `max_outage_s`.
+    """
+    shards = [_ShardIngester(i, c, store, max_outage_s, batch) for i, c in enumerate(conns)]
+    log.info("ingest following shards", shards=len(shards), stream=SAMPLES_STREAM, group=GROUP)
+    busy = True
+    while not stop.is_set():
+        # Block only when the last round found nothing, and split the block over the shards.
+        block = None if busy else max(50, block_ms // len(shards))
+        busy = any([s.step(block, claim_idle_ms, 60.0) for s in shards])
+        if all(s.gone for s in shards):
+            raise RedisOutageError(f"every shard has been unavailable for more than {max_outage_s:.0f}s "
+                                   "(VQ_REDIS_OUTAGE_S)")
+        if not busy and all(time.monotonic() < s.next_try for s in shards):
+            stop.wait(min(s.next_try for s in shards) - time.monotonic())
+    counts = {k: sum(s.ingester.counts[k] for s in shards) for k in ("added", "acked", "bad", "deleted")}
+    log.info("ingest stopped", **counts)
+    return counts
 
 
 def follow(conn: Redis, store: SampleStore, health: RedisHealth, stop: threading.Event, batch: int = 256,
@@ -255,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "service with --follow.")
     p.add_argument("--redis-url", help="default: REDIS_URL_FILE, else REDIS_URL, else redis://localhost:6379/0; "
                                        "the password from REDIS_PASSWORD_FILE when set")
+    p.add_argument("--redis-urls", metavar="URL,URL,…",
+                   help="shard map: read every shard's samples (default: $REDIS_URLS_FILE, else $REDIS_URLS; "
+                        "--redis-url reads one Redis only)")
     p.add_argument("--store", help="sample store (default: $CONTINUAL_STORE or var/continual)")
     p.add_argument("--follow", action="store_true",
                    help="keep running: block-read new samples, ride through Redis outages (VQ_REDIS_OUTAGE_S), "
@@ -268,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_logging()
         max_outage_s = outage_limit()
-        conn = connect(a.redis_url)  # REDIS_URL_FILE / REDIS_PASSWORD_FILE: a SettingsError names the variable
+        shards = None if a.redis_url else shard_map(a.redis_urls)
+        # REDIS_URL(S)_FILE / REDIS_PASSWORD_FILE: a SettingsError names the variable
+        conns = [connect(u) for u in shards.urls] if shards is not None else [connect(a.redis_url)]
+        conn = conns[0]
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -276,19 +409,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with SampleStore(a.store) as store:
             if not a.follow:
-                print(json.dumps(ingest(conn, store, health=health)))
+                # Shard 0 first (waited for, as with one Redis), then the others (skipped if away too long).
+                print(json.dumps(ingest(conn, store, health=health, shards=shards, other_shards=not a.redis_url)))
                 return 0
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
-            follow(conn, store, health, stop, claim_idle_ms=int(a.claim_idle * 1000))
+            if len(conns) > 1:
+                follow_shards(conns, store, stop, max_outage_s, claim_idle_ms=int(a.claim_idle * 1000))
+            else:
+                follow(conn, store, health, stop, claim_idle_ms=int(a.claim_idle * 1000))
             return 0
     except RedisOutageError as exc:
         log.error("ingest gave up: Redis stayed unavailable", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:
-        conn.close()
+        for c in conns:
+            c.close()
 
 
 if __name__ == "__main__":

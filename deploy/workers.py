@@ -55,3 +55,23 @@ def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
     return out or ""
+
+
+def start_shard_worker(redis_urls: list[str], shard: int, name: str, env: dict[str, str] | None = None,
+                       worker_args: list[str] | None = None, output: int | None = subprocess.PIPE,
+                       queue: str = "inference", settings: dict[str, str] | None = None) -> subprocess.Popen:
+    """`rq worker` serving shard `shard` of a shard map, started the way deployments start it:
+    REDIS_URLS + VQ_SHARD, through `python -m worker.shards exec` (which hands rq its URL).
+    `settings` are added to `env` (default: this process's environment)."""
+    child_env = dict(os.environ if env is None else env)
+    child_env.update(settings or {})
+    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.update({"REDIS_URLS": ",".join(redis_urls), "VQ_SHARD": str(shard)})
+    for stale in ("REDIS_URLS_FILE", "RQ_REDIS_URL"):  # the map given here is the one served
+        child_env.pop(stale, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.shards", "exec", "rq", "worker", *(worker_args or BATCH_WORKER),
+         "--name", name, queue],
+        env=child_env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
+        text=True, start_new_session=True,
+    )

@@ -41,6 +41,7 @@ from redis.exceptions import RedisError, WatchError
 from worker.frames import make_frame
 from worker.jobs import QUEUE_NAME, RESULT_TTL, FrameJob, FrameQueue, enqueue_frames
 from worker.redis_health import RedisHealth, RedisOutageError, is_transient
+from worker.shards import ShardMap
 
 from .backlog import InflightTracker
 from .connection import connect, outage_limit
@@ -61,13 +62,15 @@ class BacklogFull(RuntimeError):
 class Producer:
     """Sends frames for one station.
 
-    `redis` is a URL, a `redis.Redis` client, or None for REDIS_URL (default
-    redis://localhost:6379/0). A client passed in stays open when the producer is closed.
+    `redis` is a URL, a `redis.Redis` client, a shard map (`worker.shards.ShardMap`, or a list of
+    shard URLs), or None: the station's shard when REDIS_URLS_FILE / REDIS_URLS name a shard map,
+    else REDIS_URL (default redis://localhost:6379/0). A station's frames, results and backlog all
+    live on its one shard. A client passed in stays open when the producer is closed.
     """
 
     def __init__(
         self,
-        redis: str | Redis | None = None,
+        redis: str | Redis | ShardMap | Sequence[str] | None = None,
         *,
         station: str = "default",
         deadline_s: float | None = None,
@@ -82,7 +85,7 @@ class Producer:
         if max_outage_s is not None and not max_outage_s > 0:
             raise ValueError(f"max_outage_s must be positive, got {max_outage_s}")
         self._owns_connection = not isinstance(redis, Redis)
-        self.connection = connect(redis)
+        self.connection = connect(redis, station=station)
         self.station = station
         self.deadline_s = deadline_s
         self.result_ttl = result_ttl

@@ -18,6 +18,8 @@ from .connection import DEFAULT_REDIS_URL
 EPILOG = f"""\
 Redis: --redis-url, else the file named by REDIS_URL_FILE, else REDIS_URL, else {DEFAULT_REDIS_URL};
 the password from the file named by REDIS_PASSWORD_FILE when set (the URL then names the user only).
+Several Redis (shards): --redis-urls, else REDIS_URLS_FILE, else REDIS_URLS; the station's shard is
+picked by a stable hash of --station (python -m worker.shards which STATION); --redis-url still wins.
 Logs go to stderr: JSON when stderr is not a terminal (VQ_LOG_FORMAT=json|console overrides).
 Redis faults (restart, refused connection, READONLY, OOM, LOADING, a pause) are waited out with
 backoff for up to VQ_REDIS_OUTAGE_S seconds (default 120) by files and watch; a camera drops and
@@ -55,6 +57,8 @@ def _quality(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--redis-url", help=f"Redis to send to (default: $REDIS_URL or {DEFAULT_REDIS_URL})")
+    common.add_argument("--redis-urls", metavar="URL,URL,…",
+                        help="shard map: send to the station's shard (default: $REDIS_URLS_FILE, $REDIS_URLS)")
     common.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                         help="default: $VQ_LOG_LEVEL, else info")
 
@@ -132,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from worker.redis_health import RedisOutageError, is_transient
     from worker.settings import SettingsError
+    from worker.shards import station_url
 
     from . import logs
     from .api import Producer
@@ -140,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = "<redis url>"
     try:
         logs.configure(args.log_level)  # VQ_LOG_*: a bad value is a SettingsError like any other setting
-        url = redis_url(args.redis_url)  # may read REDIS_URL_FILE / REDIS_PASSWORD_FILE: a SettingsError
-        shown = mask_url(url)  # never print a password: these lines end up in journals and CI logs
+        # may read REDIS_URL_FILE / REDIS_URLS(_FILE) / REDIS_PASSWORD_FILE: a SettingsError names the variable
+        shown = mask_url(redis_url(args.redis_url, station=args.station, urls=args.redis_urls))
+        # The URL as written (None: the default): the producer's connect adds REDIS_PASSWORD_FILE's password
+        # once (a URL resolved here would carry it already, and a second one is refused).
+        url = station_url(args.station, args.redis_url, args.redis_urls)
         max_outage_s = outage_limit()
         if args.command == "files":
             from .files import send_files
@@ -168,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _camera(args: argparse.Namespace, url: str) -> int:
+def _camera(args: argparse.Namespace, url: str | None) -> int:
     from .api import Producer
     from .camera import CameraOptions, CameraStreamer, parse_source
 
@@ -185,7 +193,7 @@ def _camera(args: argparse.Namespace, url: str) -> int:
         return CameraStreamer(producer, options, stop=_stop_on_signals()).run()
 
 
-def _watch(args: argparse.Namespace, url: str, max_outage_s: float) -> int:
+def _watch(args: argparse.Namespace, url: str | None, max_outage_s: float) -> int:
     from .api import Producer
     from .watch import Watcher
 

@@ -304,3 +304,66 @@ def test_image_installs_only_the_hashed_lock_from_pypi_and_runs_as_non_root():
     assert all("--hash=sha256:" in b for b in blocks if re.match(r"[A-Za-z0-9_.-]+==", b))
     requirements = "\n".join(line for line in lock.splitlines() if not line.lstrip().startswith("#"))
     assert "file://" not in requirements and "--extra-index-url" not in requirements and " @ " not in requirements
+
+
+# -- past one Redis: deploy/k8s/shards ------------------------------------------------------------------
+
+SHARDS = DEPLOY / "k8s" / "shards"
+
+
+def _shard_docs() -> list[dict]:
+    return [doc for path in sorted(SHARDS.glob("*.yaml")) for doc in load_all(path)]
+
+
+def test_each_shard_has_its_worker_and_its_own_keda_trigger_on_its_own_redis():
+    from worker.shards import shard_map
+
+    docs = _shard_docs()
+    [urls] = [d["data"] for d in docs if d["kind"] == "ConfigMap"
+              and d["metadata"]["name"] == "visionqueue-redis-shards"]
+    maps = {role: shard_map(value) for role, value in urls.items()}
+    assert set(urls) <= acl_users() and len({len(m) for m in maps.values()}) == 1  # every role: the same shards
+    hosts = [u.split("@", 1)[1].split("/", 1)[0] for u in maps["worker"].urls]
+    for role, m in maps.items():  # the same hosts in the same order (position is identity)
+        assert [u.split("@", 1)[1].split("/", 1)[0] for u in m.urls] == hosts, role
+    key = FrameQueue(connection=Redis()).key
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    assert len(deployments) == len(scaled) == len(hosts) >= 2
+    for i, host in enumerate(hosts):
+        [container] = _containers(deployments[f"visionqueue-worker-shard-{i}"])
+        env = {e["name"]: e for e in container["env"]}
+        assert env["VQ_SHARD"]["value"] == str(i)
+        ref = env["REDIS_URLS"]["valueFrom"]["configMapKeyRef"]
+        assert ref == {"name": "visionqueue-redis-shards", "key": "worker"}
+        assert container["command"][:4] == ["python", "-m", "worker.shards", "exec"]
+        assert container["command"][4:6] == ["rq", "worker"] and "-u" not in container["command"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        [trigger] = scaled[f"visionqueue-worker-shard-{i}"]["spec"]["triggers"]
+        assert trigger["metadata"]["address"] == host and trigger["metadata"]["listName"] == key
+        assert trigger["authenticationRef"]["name"] == "visionqueue-redis-auth"  # keda-scaledobject.yaml's
+
+
+def test_shard_manifests_are_locked_down_and_their_commands_are_real(subprocess_env):
+    seen = 0
+    for doc in _shard_docs():
+        for container in _containers(doc):
+            seen += 1
+            spec = (doc["spec"].get("template") or doc["spec"]["jobTemplate"]["spec"]["template"])["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            env = {e["name"]: e for e in container["env"]}
+            assert "value" not in env["REDIS_URLS"]
+            assert env["REDIS_PASSWORD_FILE"]["value"] == "/run/secrets/redis/password"
+            [vol] = [v for v in spec["volumes"] if v["name"] == "redis-password"]
+            assert vol["secret"]["defaultMode"] == 0o400
+            assert vol["secret"]["secretName"].removeprefix("visionqueue-redis-") in acl_users()
+            command = container["command"]
+            assert command[:2] == ["python", "-m"]
+            module = command[2]
+            args = command[3:5] if module == "worker.shards" else command[3:]
+            out = subprocess.run([sys.executable, "-m", module, *args[:1], "--help"], capture_output=True, text=True,
+                                 cwd=ROOT, env=subprocess_env, timeout=120)
+            assert out.returncode == 0, (command, out.stderr)
+    assert seen == 4  # three shard workers and the registry mirror

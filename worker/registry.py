@@ -16,7 +16,17 @@ the artifact allowlist, and per-version keys are named exactly (never a SCAN pat
 
 CLI: `python -m worker.registry publish PATH [--no-promote] [--sign-key FILE] | list | current |
 promote VERSION | fetch VERSION DIR [--float] | rollback [--to VERSION] | verify VERSION |
-keygen --out DIR`.
+keygen --out DIR | mirror`.
+
+Past one Redis (`worker.shards`): the registry is written on the primary shard (shard 0) only and
+mirrored to every other shard, so each shard's workers read (and hear `:events` on) their own Redis
+as with one. `mirror(primary, replica)` copies what a replica lacks (byte for byte, GET/SET: the
+publisher and updater ACL users need nothing more), sets `current` and `history` as on the primary
+(announcing a change on the replica's channel) and drops versions the primary pruned. With a shard
+map and no `--redis-url`, `publish`, `promote` and `rollback` write the primary and then mirror;
+`python -m worker.registry mirror` does it on its own: after `continual.update` or a trainer's
+publish, and to bring back a shard that was down or new. It is idempotent; a replica that cannot be
+reached is reported (exit 1) and catches up at the next mirror.
 """
 
 from __future__ import annotations
@@ -384,6 +394,83 @@ class ModelRegistry:
         return rows
 
 
+def mirror(primary: ModelRegistry, replica: ModelRegistry) -> dict[str, Any]:
+    """Make `replica` hold what `primary` holds: versions, `current`, `history`. What changed, as counts.
+
+    Order matters for a worker reading the replica meanwhile: a version's keys are complete before
+    it joins `:versions`, `current` moves only once its version is there, and versions are dropped
+    only after `current` has left them.
+    """
+    versions = primary.versions()
+    wanted = set(versions)
+    copied = []
+    for version in versions:
+        if replica.conn.zscore(replica.versions_key, version) is not None:
+            continue  # a version is immutable once published: present means equal
+        keys = primary.version_keys(version)
+        values = primary.conn.mget(keys)
+        score = primary.conn.zscore(primary.versions_key, version)
+        if values[0] is None or score is None:
+            continue  # pruned on the primary meanwhile
+        with replica.conn.pipeline() as pipe:
+            # version_keys names the same parts in the same order on both sides (prefixes may differ).
+            for key, value in zip(replica.version_keys(version), values, strict=True):
+                if value is not None:
+                    pipe.set(key, value)
+            pipe.zadd(replica.versions_key, {version: score})
+            pipe.execute()
+        copied.append(version)
+    current = primary._current_or_none()
+    history = [v for v in primary.history() if v in wanted]
+    moved = current is not None and replica._current_or_none() != current
+    if replica.history(valid_only=False) != history or moved:
+        with replica.conn.pipeline() as pipe:
+            pipe.delete(replica.history_key)
+            if history:
+                pipe.rpush(replica.history_key, *history)
+            if current is not None:
+                pipe.set(replica.current_key, current)
+                if moved:  # the replica's workers swap now, not at their next poll
+                    pipe.publish(replica.events_channel, json.dumps({"event": "promote", "version": current}))
+            pipe.execute()
+    dropped = [v for v in replica.versions() if v not in wanted and v != current]
+    for version in dropped:
+        with replica.conn.pipeline() as pipe:
+            pipe.delete(*replica.version_keys(version))
+            pipe.zrem(replica.versions_key, version)
+            pipe.execute()
+    return {"copied": copied, "dropped": dropped, "current": current, "promoted": moved}
+
+
+def mirror_shards(shards: Any, keep: int | None = None) -> list[dict[str, Any]]:
+    """Mirror the primary shard's registry to every other shard of `shards` (a worker.shards.ShardMap).
+
+    One report per replica; a replica that cannot be reached gets `error` and the others go on.
+    """
+    from redis.exceptions import RedisError
+
+    from .redis_health import mask_url
+    from .shards import PRIMARY
+
+    reports = []
+    primary = ModelRegistry(connect(shards.primary_url, socket_timeout=120), keep=keep)
+    try:
+        for index in range(len(shards)):
+            if index == PRIMARY:
+                continue
+            where = {"shard": index, "url": mask_url(shards.url(index))}
+            conn = connect(shards.url(index), socket_timeout=120, socket_connect_timeout=5.0)
+            try:
+                reports.append({**where, **mirror(primary, ModelRegistry(conn, keep=keep))})
+            except RedisError as exc:
+                reports.append({**where, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            finally:
+                conn.close()
+    finally:
+        primary.conn.close()
+    return reports
+
+
 def _trusted(flag: str | None) -> tuple[str, ...]:
     """--pubkey's keys, else $VQ_MODEL_PUBKEY's (the table reads and checks it)."""
     return parse_public_keys(flag) if flag and flag.strip() else setting(PUBKEY_ENV)
@@ -393,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.registry", description="The model registry in Redis.")
     parser.add_argument("--redis-url", help="default: $REDIS_URL_FILE, else $REDIS_URL (password file: "
                                             "$REDIS_PASSWORD_FILE)")
+    parser.add_argument("--redis-urls", metavar="URL,URL,…",
+                        help="shard map (default: $REDIS_URLS_FILE, else $REDIS_URLS): read and write shard 0, the "
+                             "primary; publish, promote and rollback then mirror it to the other shards")
     parser.add_argument("--keep", type=int, default=None,
                         help=f"versions kept, older ones are pruned (default: $VQ_REGISTRY_KEEP, else {DEFAULT_KEEP})")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -419,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pubkey", default=None, help=pubkey_help)
     p = sub.add_parser("keygen", help="write an Ed25519 signing key (signing.key, 0600) and signing.pub to DIR")
     p.add_argument("--out", required=True)
+    sub.add_parser("mirror", help="copy the primary shard's registry to every other shard (one JSON line each); "
+                                  "exit 1 if a shard could not be reached")
     args = parser.parse_args(argv)
 
     try:
@@ -428,7 +520,18 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"signing_key": str(private), "public_key": str(public), "public_key_b64": raw,
                               "key_id": key_id(raw)}))
             return 0
-        reg = ModelRegistry(connect(args.redis_url, socket_timeout=120), keep=args.keep)  # a model is one big SET
+        from .shards import shard_map
+
+        # An explicit --redis-url is one Redis, as ever; otherwise a shard map means "the primary, then mirror".
+        shards = None if args.redis_url else shard_map(args.redis_urls)
+        if args.cmd == "mirror":
+            if shards is None:
+                print("error: mirror needs a shard map: --redis-urls, $REDIS_URLS_FILE or $REDIS_URLS",
+                      file=sys.stderr)
+                return 2
+            return _print_mirror(mirror_shards(shards, keep=args.keep))
+        url = shards.primary_url if shards is not None else args.redis_url
+        reg = ModelRegistry(connect(url, socket_timeout=120), keep=args.keep)  # a model is one big SET
         if args.cmd == "publish":
             print(reg.publish(args.path, promote=not args.no_promote, sign_key=args.sign_key))
         elif args.cmd == "list":
@@ -453,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no trusted key: give --pubkey or set {PUBKEY_ENV}", file=sys.stderr)
                 return 2
             print(json.dumps({"version": args.version, "signed_by": reg.verify(args.version, trusted)}))
+        if shards is not None and len(shards) > 1 and args.cmd in ("publish", "promote", "rollback"):
+            return _print_mirror(mirror_shards(shards, keep=args.keep), file=sys.stderr)
     except SignatureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -460,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_mirror(reports: list[dict[str, Any]], file: Any = None) -> int:
+    for report in reports:
+        print(json.dumps(report), file=file or sys.stdout)
+    return 1 if any("error" in r for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -96,6 +96,14 @@ def _rows() -> tuple[Row, ...]:
             shown="`0` (torch's)"),
         Row(W, "overlap_decode", "VQ_OVERLAP_DECODE", "choice", "on",
             "decode the next batch during this batch's forward pass", choices=("on", "off")),
+        Row(W, "decode_device", "VQ_DECODE_DEVICE", "choice", "auto",
+            "where JPEGs are decoded: `cuda` batches them through nvJPEG and resizes there (PNG and what nvJPEG "
+            "refuses go to the decode threads); `auto`: on the model's device when that is CUDA",
+            choices=("auto", "cpu", "cuda")),
+        Row(W, "compile", "VQ_COMPILE", "choice", "off",
+            "torch.compile the float model at padded batch sizes, each warmed before the first frame "
+            "(`reduce-overhead`: CUDA graphs); int8 models keep their backend's own",
+            choices=("off", "reduce-overhead", "max-autotune")),
         Row(W, "topk", "VQ_TOPK", "int", 3, "classes reported per frame", 1, 100),
         Row(W, "heartbeat_ttl", "VQ_HEARTBEAT_TTL", "int", 10,
             "seconds a claimed frame survives its worker's death before it is re-run", 3, 3600),
@@ -152,6 +160,15 @@ def _rows() -> tuple[Row, ...]:
             "a file holding the password for the URL's ACL user; the URL then carries none"),
         Row(RD, "redis_outage_s", "VQ_REDIS_OUTAGE_S", "float", 120.0,
             "seconds a process waits out a Redis outage before it gives up and says why", 1.0, 86_400.0),
+        # Past one Redis (RQ cannot use Redis Cluster): independent shards, stations spread by a stable hash.
+        Row(RD, "redis_urls", "REDIS_URLS", "url", None,
+            "shard by station over these Redis URLs, comma-separated, in a fixed order (see \"Past one Redis\"); "
+            "unset: one Redis", secret=True, shown="unset (`REDIS_URL` alone)"),
+        Row(RD, "redis_urls_file", "REDIS_URLS_FILE", "file", None,
+            "the shard map: a file of shard URLs, one per line, `#` comments; wins over `REDIS_URLS`"),
+        Row(RD, "shard", "VQ_SHARD", "int", None,
+            "the shard (0-based index into the shard URLs) a worker, gateway or `worker.shards exec` serves",
+            0, 1023),
         # -- logging --------------------------------------------------------------------------------
         Row(L, "log_format", "VQ_LOG_FORMAT", "choice", "auto",
             "structlog renderer; `auto`: JSON when stderr is not a terminal", choices=("auto", "json", "console")),
@@ -368,6 +385,8 @@ class Settings:
     decode_threads: int = ROWS["VQ_DECODE_THREADS"].default
     torch_threads: int = ROWS["VQ_TORCH_THREADS"].default
     overlap_decode: str = ROWS["VQ_OVERLAP_DECODE"].default
+    decode_device: str = ROWS["VQ_DECODE_DEVICE"].default
+    compile: str = ROWS["VQ_COMPILE"].default
     topk: int = ROWS["VQ_TOPK"].default
     heartbeat_ttl: int = ROWS["VQ_HEARTBEAT_TTL"].default
     worker_ttl: int = ROWS["VQ_WORKER_TTL"].default
@@ -414,6 +433,9 @@ class RedisSettings:
     redis_url_file: str | None
     redis_password_file: str | None
     redis_outage_s: float
+    redis_urls: str | None = None  # the shard map (worker.shards reads and checks it)
+    redis_urls_file: str | None = None
+    shard: int | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=None,
                         help="Redis with the inference queue (default $REDIS_URL_FILE, else $REDIS_URL, else "
                              "redis://localhost:6379/0; password: $REDIS_PASSWORD_FILE)")
+    parser.add_argument("--redis-urls", default=None, metavar="URL,URL,…",
+                        help="shard map (default $REDIS_URLS_FILE, else $REDIS_URLS): serve shard --shard of it")
+    parser.add_argument("--shard", type=int, default=None,
+                        help="with a shard map: the shard this gateway serves (default $VQ_SHARD); stations of "
+                             "other shards get 421")
     auth = parser.add_argument_group("authentication (one of them is required)")
     auth.add_argument("--api-key", action="append", default=[], type=flag_type("VQ_API_KEY"),
                       help="accept this key on /v1/* as X-API-Key or Bearer token; repeatable. Prefer "
@@ -91,15 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn  # imported late (as is FastAPI): `--help` stays fast and works without the extra
 
     from worker.logs import configure_logging
+    from worker.settings import setting
+    from worker.shards import SHARD_ENV, served_url, shard_map
 
     from .app import create_app
 
     try:
         configure_logging()  # VQ_LOG_FORMAT / VQ_LOG_LEVEL, as for every entry point
+        # An explicit --redis-url is one Redis; else a shard map needs the shard this gateway serves.
+        shards = None if args.redis_url else shard_map(args.redis_urls)
+        shard = (args.shard if args.shard is not None else setting(SHARD_ENV)) if shards is not None else None
+        redis_url = served_url(args.redis_url, shards, shard)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(args.redis_url, api_key=args.keys, max_queue=args.max_queue, default_timeout=args.timeout,
+    app = create_app(redis_url, shards=shards, shard=shard, api_key=args.keys, max_queue=args.max_queue,
+                     default_timeout=args.timeout,
                      max_upload_bytes=args.max_upload_bytes, insecure_no_auth=args.insecure_no_auth,
                      max_timeout=args.request_timeout, body_timeout=args.body_timeout,
                      max_inflight_bytes=args.max_inflight_bytes, redis_fill=args.redis_fill,

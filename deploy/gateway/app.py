@@ -24,10 +24,10 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis import Redis
 from redis.exceptions import RedisError
 
-from producer.connection import redis_url as default_redis_url
 from producer.results import EXPIRED, EXPIRED_TEXT, FINISHED, Outcome
 from worker.frames import MAX_IMAGE_BYTES, MAX_STATION_LEN, FrameError, check_pixels, image_format
 from worker.redis_health import connect, is_transient
+from worker.shards import ShardMap
 
 from .defaults import (
     DEFAULT_BODY_TIMEOUT,
@@ -106,6 +106,8 @@ def create_app(
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     retry_after_s: int = DEFAULT_RETRY_AFTER_S,
     connection: Redis | None = None,
+    shards: ShardMap | None = None,
+    shard: int | None = None,
 ) -> FastAPI:
     """A gateway in front of the `inference` queue of the Redis at `redis_url` (None: $REDIS_URL).
 
@@ -119,6 +121,11 @@ def create_app(
     `max_waiters` bounds concurrent /v1/classify requests (503); `rate_limit` frames/s with bursts
     of `rate_burst` per key (None: no rate limit; 429). A `connection` passed in is used as it is
     and stays open when the app shuts down.
+
+    Past one Redis: with a shard map `shards` and the index `shard` this gateway serves (its Redis is
+    that shard's URL), a station that hashes to another shard gets 421 naming its shard, so its frames
+    never land where its workers, results and samples are not. Uploads without a station (the default
+    station) are taken on any shard; poll their job at the gateway that accepted it.
     """
     if not 0 < max_timeout <= MAX_TIMEOUT:
         raise ValueError(f"max_timeout must be in (0, {MAX_TIMEOUT:g}], got {max_timeout}")
@@ -129,9 +136,14 @@ def create_app(
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if not any(k.strip() for k in keys) and not insecure_no_auth:
         raise ValueError("no API key: give at least one, or insecure_no_auth=True to serve /v1/* to anyone")
+    if (shards is None) != (shard is None):
+        raise ValueError("a sharded gateway needs both the shard map and the index of the shard it serves")
+    if shards is not None and shard is not None and redis_url is None:
+        redis_url = shards.url(shard)
     owns_connection = connection is None
-    conn = connection or connect(default_redis_url(redis_url), socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-                                 socket_connect_timeout=2.0)
+    # `connect` adds REDIS_PASSWORD_FILE's password to the URL as written (resolving it here first would
+    # give it a password twice, which is refused).
+    conn = connection or connect(redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=2.0)
     service = FrameService(conn, max_queue)
     api_keys = ApiKeys(keys) if any(k.strip() for k in keys) else None
     retry_after_s = max(1, int(retry_after_s))
@@ -171,6 +183,9 @@ def create_app(
     app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     settings = _Settings(service, budget, max_upload_bytes, max_pixels, retry_after_s)
+    if shards is not None and shard is not None:
+        settings.shard_of = shards.index_for
+        settings.shard = shard
     app.include_router(_api_router(settings, api_keys, default_timeout, max_timeout))
     app.include_router(_probe_router(service, stale_after_s))
     return app
@@ -209,6 +224,8 @@ class _Settings:
         self.budget = budget
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
+        self.shard_of: Any = None  # station -> shard index, on a sharded gateway
+        self.shard: int | None = None
         self.retry_after_s = retry_after_s
 
 
@@ -296,7 +313,12 @@ def _owner(request: Request) -> str:
 
 async def _accept(request: Request, settings: _Settings, image: UploadFile, station: str,
                   deadline_s: float | None) -> str:
-    """Read and check the upload, enqueue it; the job id. HTTPException 413/415/422/429 otherwise."""
+    """Read and check the upload, enqueue it; the job id. HTTPException 413/415/421/422/429 otherwise."""
+    if settings.shard_of is not None and station != DEFAULT_STATION:
+        home = settings.shard_of(station)
+        if home != settings.shard:
+            raise HTTPException(421, detail=f"station {station!r} belongs to shard {home}; this gateway serves "
+                                            f"shard {settings.shard} (python -m worker.shards which STATION)")
     data = await image.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         size = image.size if image.size is not None else len(data)

@@ -36,7 +36,8 @@ from redis.exceptions import LockError, LockNotOwnedError
 
 from worker.artifact import FLOAT_FILE, read_manifest
 from worker.redis_health import RedisHealth, RedisOutageError, connect, is_transient
-from worker.registry import ModelRegistry
+from worker.registry import ModelRegistry, mirror_shards
+from worker.shards import shard_map
 
 from .gate import GateConfig, Verdict, judge
 from .ingest import ingest
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.lock_ttl < 3:
             raise SettingsError(f"--lock-ttl={args.lock_ttl} must be at least 3 seconds")
         # Socket timeouts: a paused or partitioned server fails a call (then waited out) instead of hanging.
-        plain = connect(args.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+        # With a shard map the registry lives on the primary shard: the update reads and publishes there
+        # (then mirrors), and its ingest drains every shard's samples.
+        shards = shard_map()
+        plain = connect(args.redis_url or (shards.primary_url if shards else None),
+                        socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     except SettingsError as exc:  # includes a missing or unreadable password file
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_ERROR
@@ -280,12 +285,26 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
         if verdict.promote and not args.dry_run:
             published = registry.publish(candidate, promote=True)
             store.mark_used(data.new_frame_ids, published)
+            _mirror_to_shards()
         report = write_report(run, version, candidate, data, verdict, results, published, args.dry_run)
         print(json.dumps({k: report[k] for k in ("verdict", "current", "candidate", "published", "report")},
                          indent=2), flush=True)
         if not verdict.promote:
             return EXIT_REJECTED
         return EXIT_OK
+
+
+def _mirror_to_shards() -> None:
+    """Every shard's workers read their own Redis: copy the new version there now (a shard that is
+    down catches up at the next `python -m worker.registry mirror`)."""
+    shards = shard_map()
+    if shards is None:
+        return
+    for report in mirror_shards(shards):
+        if "error" in report:
+            log.error("registry not mirrored to a shard; the next mirror catches up", **report)
+        else:
+            log.info("registry mirrored", shard=report["shard"], copied=report["copied"])
 
 
 def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict[str, Any], data: Any) -> Path:

@@ -13,6 +13,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from worker.jobs import RESULT_TTL
+
 from .connection import DEFAULT_REDIS_URL
 
 EPILOG = f"""\
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workers skip a frame older than this; its job expires from Redis after ceil(SEC)")
     camera.add_argument("--max-pending", type=_positive(int), metavar="N",
                         help="skip frames while N frames of this station are unfinished")
+    camera.add_argument("--result-ttl", type=_positive(int), default=RESULT_TTL, metavar="SEC",
+                        help=f"how long each frame's job and result stay in Redis (default: {RESULT_TTL}); at "
+                             "line speed this sizes Redis memory (see \"Past one Redis\" in the README)")
     camera.add_argument("--loop", action="store_true", help="restart a video file at its end")
     camera.add_argument("--max-reconnects", type=_non_negative_int, metavar="N",
                         help="give up (exit 1) after N failed reopen attempts in a row (default: never)")
@@ -189,6 +194,7 @@ def _camera(args: argparse.Namespace, url: str | None) -> int:
     # A camera never waits for Redis and never gives up on it: while Redis is away it drops frames
     # (its policy, counted as skipped_redis) and tries again after a backoff.
     with Producer(url, station=args.station, deadline_s=args.deadline, max_pending=args.max_pending,
+                  result_ttl=args.result_ttl,
                   max_outage_s=math.inf, wait_for_redis=False) as producer:
         return CameraStreamer(producer, options, stop=_stop_on_signals()).run()
 

@@ -61,8 +61,8 @@ def _is_val(sha256: str) -> bool:
 
 def build_update_data(run: Path, store: SampleStore, current_classes: list[str], base_split: Path | None,
                       replay: int, seed: int = 0) -> UpdateData:
-    new = list(store.samples("label IS NOT NULL AND used_in IS NULL"))
-    earlier = list(store.samples("label IS NOT NULL AND used_in IS NOT NULL AND split = 'train'"))
+    new = store.new_labels()  # frames whose label is doubted (continual.doubt) wait for review
+    earlier = store.used_labels("train")
     new_classes = sorted({s.label for s in new if s.label not in current_classes})
     classes = list(current_classes) + new_classes
     index = {name: i for i, name in enumerate(classes)}
@@ -92,7 +92,7 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     new_train = [s for s in new if s.split == "train" and not _is_val(s.sha256)]
     new_val = [s for s in new if s.split == "train" and _is_val(s.sha256)]
     new_hold = [s for s in new if s.split == "holdout"]
-    old_hold = list(store.samples("label IS NOT NULL AND used_in IS NOT NULL AND split = 'holdout'"))
+    old_hold = store.used_labels("holdout")
 
     replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
     train = from_store(new_train) + _balanced(replay_pool, replay, seed)

@@ -4,9 +4,19 @@
                                           each into DIR/<class>/ (a new folder name = a new class)
     export --out DIR --format labelstudio DIR/tasks.json (our prediction as a pre-annotation) and
                                           DIR/labeling_config.xml; images under DIR/images/
-    import DIR|FILE [--source NAME]       reads a folders tree or a Label Studio JSON export back
+    export --doubtful …                   instead of unlabelled frames, the labelled ones the last update
+                                          doubted (continual.doubt; held out of training): each entry of
+                                          _export.json / each task's data names the given and suggested label
+    import DIR|FILE [--source-name NAME]  reads a folders tree or a Label Studio JSON export back; every label
+                                          is recorded in the store's label history as set by NAME (default
+                                          "review import DIR|FILE")
 
 A label naming a class the model does not know yet is accepted: the next update grows the head.
+Import conflicts (a frame in two class folders or two tasks with different labels; a new label on a
+frame a published version already used) are not applied: they are listed on stderr and in
+DIR/_conflicts.json (FILE.conflicts.json beside a Label Studio export); the other labels are imported.
+
+Exit status: 0 done, 3 imported with conflicts (see the conflicts file), 2 the source does not exist.
 """
 
 from __future__ import annotations
@@ -21,10 +31,14 @@ from typing import Any
 from .store import SampleStore, StoredSample
 
 UNLABELED = "_unlabeled"
+EXIT_CONFLICTS = 3
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 
 
-def export_folders(samples: list[StoredSample], out: Path, class_names: list[str]) -> int:
+def export_folders(samples: list[StoredSample], out: Path, class_names: list[str],
+                   notes: dict[str, dict[str, Any]] | None = None) -> int:
+    """Images into out/_unlabeled/ for a person to sort; `notes` (frame_id -> fields) are added to
+    each image's entry in out/_export.json (the doubt re-export puts the given and suggested label there)."""
     pending = out / UNLABELED
     pending.mkdir(parents=True, exist_ok=True)
     for name in class_names:
@@ -34,12 +48,14 @@ def export_folders(samples: list[StoredSample], out: Path, class_names: list[str
         target = pending / f"{s.frame_id}{s.path.suffix}"
         shutil.copyfile(s.path, target)
         index[target.name] = {"frame_id": s.frame_id, "predicted": s.predicted, "confidence": s.confidence,
-                              "station": s.station, "model_version": s.model_version}
+                              "station": s.station, "model_version": s.model_version,
+                              **(notes or {}).get(s.frame_id, {})}
     (out / "_export.json").write_text(json.dumps(index, indent=1))
     return len(samples)
 
 
-def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list[str]) -> int:
+def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list[str],
+                       notes: dict[str, dict[str, Any]] | None = None) -> int:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -48,7 +64,7 @@ def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list
         shutil.copyfile(s.path, target)
         task: dict[str, Any] = {
             "data": {"image": f"/data/local-files/?d={target.relative_to(out)}", "frame_id": s.frame_id,
-                     "station": s.station},
+                     "station": s.station, **(notes or {}).get(s.frame_id, {})},
         }
         if s.predicted:
             task["predictions"] = [{
@@ -66,19 +82,21 @@ def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list
     return len(samples)
 
 
-def read_folders(root: Path) -> dict[str, str]:
-    """frame_id -> label from DIR/<class>/<frame_id>.<ext> (files left in _unlabeled are skipped)."""
-    labels = {}
+def read_folders(root: Path) -> dict[str, list[str]]:
+    """frame_id -> the labels given to it, from DIR/<class>/<frame_id>.<ext> (files left in _unlabeled
+    are skipped). More than one label means the frame was put in several folders: a conflict."""
+    labels: dict[str, list[str]] = {}
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         for f in class_dir.iterdir():
-            if f.suffix.lower() in IMAGE_EXTS:
-                labels[f.stem] = class_dir.name
+            if f.suffix.lower() in IMAGE_EXTS and class_dir.name not in labels.get(f.stem, []):
+                labels.setdefault(f.stem, []).append(class_dir.name)
     return labels
 
 
-def read_labelstudio(path: Path) -> dict[str, str]:
-    """frame_id -> label from a Label Studio JSON export (the latest non-cancelled annotation)."""
-    labels = {}
+def read_labelstudio(path: Path) -> dict[str, list[str]]:
+    """frame_id -> the labels given to it by a Label Studio JSON export (per task, its latest
+    non-cancelled annotation). More than one label means two tasks of one frame disagree: a conflict."""
+    labels: dict[str, list[str]] = {}
     for task in json.loads(path.read_text()):
         frame_id = (task.get("data") or {}).get("frame_id")
         annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
@@ -86,18 +104,71 @@ def read_labelstudio(path: Path) -> dict[str, str]:
             continue
         for item in annotations[-1].get("result", []):
             choices = (item.get("value") or {}).get("choices")
-            if choices:
-                labels[frame_id] = choices[0]
+            if choices and choices[0] not in labels.get(frame_id, []):
+                labels.setdefault(frame_id, []).append(choices[0])
     return labels
 
 
-def import_labels(store: SampleStore, source: Path, label_source: str = "review") -> dict[str, Any]:
-    labels = read_labelstudio(source) if source.is_file() else read_folders(source)
-    known = {fid: lab for fid, lab in labels.items() if store.get(fid) is not None}
-    unknown = sorted(set(labels) - set(known))
-    updated = store.set_labels(known, label_source)
-    return {"labels_read": len(labels), "updated": updated, "unknown_frames": unknown[:20],
-            "classes": sorted(set(known.values()))}
+def conflicts_path(source: Path) -> Path:
+    """Where an import's conflicts are written: DIR/_conflicts.json, or FILE.conflicts.json beside an export."""
+    return source.with_name(source.stem + ".conflicts.json") if source.is_file() else source / "_conflicts.json"
+
+
+def import_labels(store: SampleStore, source: Path, label_source: str | None = None) -> dict[str, Any]:
+    """Apply a review's labels, recorded as set by `label_source` (default "review import SOURCE").
+
+    Conflicts are reported, never resolved by order: a frame given two labels (two folders, or two
+    Label Studio tasks), or a new label on a frame a published version already trained or was judged
+    on (`used_in`: changing it now would silently rewrite what that version was measured against).
+    Conflicting frames keep their label; the rest is imported. The conflicts are in the result and,
+    when there are any, in `conflicts_path(source)` (a stale file from an earlier import is removed)."""
+    given = read_labelstudio(source) if source.is_file() else read_folders(source)
+    source_name = label_source or f"review import {source.resolve()}"
+    apply: dict[str, str] = {}
+    unknown: list[str] = []
+    conflicts: list[dict[str, Any]] = []
+    doubted = {d.frame_id for d in store.doubts()}
+    unchanged = 0
+    for fid, labels in given.items():
+        sample = store.get(fid)
+        if sample is None:
+            unknown.append(fid)
+        elif labels == [sample.label] and fid not in doubted:
+            unchanged += 1  # re-imported as it was: nothing to record (the same label on a doubt confirms it)
+        elif len(labels) > 1:
+            conflicts.append({"frame_id": fid, "kind": "several_labels", "labels": labels, "current": sample.label})
+        elif sample.used_in and sample.label != labels[0]:
+            conflicts.append({"frame_id": fid, "kind": "used_in_training", "labels": labels,
+                              "current": sample.label, "used_in": sample.used_in})
+        else:
+            apply[fid] = labels[0]
+    updated = store.set_labels(apply, source_name)
+    report_file = conflicts_path(source)
+    if conflicts:
+        report_file.write_text(json.dumps({"source": str(source), "conflicts": conflicts}, indent=1) + "\n")
+    elif report_file.exists():
+        report_file.unlink()
+    return {"labels_read": len(given), "updated": updated, "unchanged": unchanged,
+            "unknown_frames": sorted(unknown)[:20],
+            "classes": sorted(set(apply.values())), "conflicts": len(conflicts),
+            "conflicts_file": str(report_file) if conflicts else None, "conflict_list": conflicts}
+
+
+def fewshot_hints(store: SampleStore, classes: list[str], source: Path, min_new_labels: int) -> list[str]:
+    """For each class the model does not know with fewer pending labels than a full update needs, the
+    `continual.fewshot` command that serves it now (the labels stay for the update that trains it later)."""
+    model_classes = set(_known_classes(store))
+    hints = []
+    for name in classes:
+        if not model_classes or name in model_classes:
+            continue
+        n = store.count_new_labels(name)
+        if n < min_new_labels:
+            folder = source / name if source.is_dir() else "DIR_OF_ITS_IMAGES"
+            hints.append(f"hint: new class {name!r} has {n} labels, fewer than the {min_new_labels} a full update "
+                         f"needs (--min-new-labels); serve it now from these examples with\n"
+                         f"  python -m continual.fewshot add --class {name} {folder}")
+    return hints
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,30 +181,56 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--format", choices=("folders", "labelstudio"), default="folders")
     e.add_argument("--limit", type=int)
     e.add_argument("--classes", help="comma-separated class names (default: those the samples were predicted with)")
+    e.add_argument("--doubtful", action="store_true",
+                   help="export the labels the last update doubted (held out of training) for a second look")
     i = sub.add_parser("import")
     i.add_argument("source", help="a folders tree or a Label Studio JSON export")
-    i.add_argument("--source-name", default="review", help="recorded as the label source")
+    i.add_argument("--source-name", help="who set these labels, recorded in the label history (a reviewer's "
+                                         "name; default \"review import SOURCE\")")
+    i.add_argument("--min-new-labels", type=int, default=50,
+                   help="what the full update needs (its --min-new-labels): a new class with fewer labels gets "
+                        "a `continual.fewshot` hint")
     a = p.parse_args(argv)
     with SampleStore(a.store) as store:
         if a.cmd == "export":
-            samples = store.unlabeled(a.limit)
+            notes: dict[str, dict[str, Any]] = {}
+            if a.doubtful:
+                doubts = {d.frame_id: d for d in store.doubts()}
+                samples = [s for s in store.doubtful() if s.frame_id in doubts][: a.limit or None]
+                notes = {fid: {"label": d.label, "suggested": d.suggested, "label_quality": d.quality,
+                               "doubted_by": d.run} for fid, d in doubts.items()}
+            else:
+                samples = store.unlabeled(a.limit)
             classes = a.classes.split(",") if a.classes else _known_classes(store)
+            # A doubted label may name a class the model does not know yet: give it its folder too.
+            classes += sorted({n["label"] for n in notes.values()} - set(classes))
             out = Path(a.out)
-            n = (export_folders if a.format == "folders" else export_labelstudio)(samples, out, classes)
-            print(json.dumps({"exported": n, "out": str(out), "format": a.format, "classes": classes}))
+            n = (export_folders if a.format == "folders" else export_labelstudio)(samples, out, classes, notes)
+            print(json.dumps({"exported": n, "out": str(out), "format": a.format, "classes": classes,
+                              "doubtful": a.doubtful}))
         else:
             source = Path(a.source)
             if not source.exists():
                 print(f"error: {source} does not exist", file=sys.stderr)
                 return 2
-            print(json.dumps(import_labels(store, source, a.source_name)))
+            result = import_labels(store, source, a.source_name)
+            conflicts = result.pop("conflict_list")
+            print(json.dumps(result))
+            for hint in fewshot_hints(store, result["classes"], source, a.min_new_labels):
+                print(hint, file=sys.stderr)
+            if conflicts:
+                print(f"{len(conflicts)} conflicting frames were not labelled (details: {result['conflicts_file']}):",
+                      file=sys.stderr)
+                for c in conflicts[:20]:
+                    why = (f"in several folders: {', '.join(c['labels'])}" if c["kind"] == "several_labels" else
+                           f"already used by {c['used_in']} as {c['current']!r}; new label {c['labels'][0]!r}")
+                    print(f"  conflict: {c['frame_id']} {why}", file=sys.stderr)
+                return EXIT_CONFLICTS
     return 0
 
 
 def _known_classes(store: SampleStore) -> list[str]:
-    row = store.db.execute("SELECT classes FROM samples WHERE classes IS NOT NULL ORDER BY ingested_at DESC "
-                           "LIMIT 1").fetchone()
-    return json.loads(row[0]) if row else []
+    return store.latest_classes()
 
 
 if __name__ == "__main__":

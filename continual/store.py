@@ -53,6 +53,34 @@ CREATE INDEX IF NOT EXISTS samples_sha ON samples(sha256);
 CREATE INDEX IF NOT EXISTS samples_station ON samples(station);
 """
 
+# Schema 1 adds tables only (CREATE TABLE IF NOT EXISTS), so a store written by an older version
+# opens as it is and an older reader still sees its `samples` table unchanged.
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS label_history (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    frame_id  TEXT NOT NULL,
+    label     TEXT NOT NULL,
+    previous  TEXT,
+    source    TEXT,
+    at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS label_history_frame ON label_history(frame_id);
+CREATE TABLE IF NOT EXISTS label_doubt (
+    frame_id   TEXT PRIMARY KEY,
+    label      TEXT NOT NULL,
+    suggested  TEXT,
+    quality    REAL,
+    flagged_at REAL NOT NULL,
+    run        TEXT,
+    status     TEXT NOT NULL
+);
+"""
+SCHEMA_VERSION = 1
+
+# The row filters of the named queries. Fixed text only: values are always bound parameters.
+_NEW = "label IS NOT NULL AND used_in IS NULL"
+_NOT_DOUBTED = "frame_id NOT IN (SELECT frame_id FROM label_doubt WHERE status = 'open')"
+
 
 def store_root(path: str | Path | None = None) -> Path:
     """`path`, else CONTINUAL_STORE, else var/continual."""
@@ -79,6 +107,28 @@ class StoredSample:
     label: str | None
     label_source: str | None
     meta: dict[str, Any]
+    used_in: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """One label assignment: what it became, what it was, who or what set it, and when (unix s)."""
+
+    label: str
+    previous: str | None
+    source: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class Doubt:
+    """A label that confident learning doubts (`continual.doubt`): held out of training until reviewed."""
+
+    frame_id: str
+    label: str
+    suggested: str | None
+    quality: float | None
+    run: str | None
 
 
 class SampleStore:
@@ -90,6 +140,25 @@ class SampleStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older store up to SCHEMA_VERSION in place (idempotent, one transaction)."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return  # another process migrated it while we waited for the lock
+            # Statement by statement: executescript() would commit the open transaction first.
+            for statement in SCHEMA_V1.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+            # Labels set before the history existed get one entry each, so every label has a source.
+            self.db.execute("INSERT INTO label_history (frame_id, label, previous, source, at) "
+                            "SELECT frame_id, label, NULL, label_source, COALESCE(labelled_at, ingested_at) "
+                            "FROM samples WHERE label IS NOT NULL")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     def close(self) -> None:
         self.db.close()
@@ -135,15 +204,36 @@ class SampleStore:
         return self.db.total_changes - before
 
     def set_labels(self, labels: dict[str, str], source: str) -> int:
-        """frame_id -> class name; rows updated."""
+        """frame_id -> class name, each assignment recorded in the label history with `source` (who or
+        what set it: a reviewer's name, "review import PATH", "simulated-reviewer", "fewshot"); rows updated.
+
+        An open doubt on a frame is settled by it: the same label again means a person confirmed it
+        (the updater does not doubt it again), another label replaces the doubted one."""
         now = time.time()
-        before = self.db.total_changes
+        updated = 0
         with self.db:
-            self.db.execute("BEGIN")
+            # IMMEDIATE: the previous label is read and replaced under one write lock, so two
+            # concurrent imports cannot both record the same "previous".
+            self.db.execute("BEGIN IMMEDIATE")
             for frame_id, label in labels.items():
+                row = self.db.execute("SELECT label FROM samples WHERE frame_id = ?", (frame_id,)).fetchone()
+                if row is None:
+                    continue
                 self.db.execute("UPDATE samples SET label = ?, label_source = ?, labelled_at = ? WHERE frame_id = ?",
                                 (label, source, now, frame_id))
-        return self.db.total_changes - before
+                self.db.execute("INSERT INTO label_history (frame_id, label, previous, source, at) "
+                                "VALUES (?, ?, ?, ?, ?)", (frame_id, label, row["label"], source, now))
+                self.db.execute("UPDATE label_doubt SET status = 'confirmed' WHERE frame_id = ? AND label = ?",
+                                (frame_id, label))
+                self.db.execute("DELETE FROM label_doubt WHERE frame_id = ? AND label != ?", (frame_id, label))
+                updated += 1
+        return updated
+
+    def label_history(self, frame_id: str) -> list[LabelChange]:
+        """Every label assignment of a frame, oldest first."""
+        rows = self.db.execute("SELECT label, previous, source, at FROM label_history WHERE frame_id = ? "
+                               "ORDER BY at, id", (frame_id,))
+        return [LabelChange(r["label"], r["previous"], r["source"], r["at"]) for r in rows]
 
     def mark_used(self, frame_ids: Iterable[str], version: str) -> None:
         with self.db:
@@ -151,27 +241,94 @@ class SampleStore:
             for frame_id in frame_ids:
                 self.db.execute("UPDATE samples SET used_in = ? WHERE frame_id = ?", (version, frame_id))
 
-    def samples(self, where: str = "1", params: tuple = ()) -> Iterator[StoredSample]:
+    # -- label doubt ------------------------------------------------------------------------------
+    def mark_doubtful(self, doubts: Iterable[Doubt]) -> int:
+        """Hold these labels out of training until a person re-labels or confirms them; rows marked."""
+        now = time.time()
+        n = 0
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for d in doubts:
+                self.db.execute("INSERT OR REPLACE INTO label_doubt (frame_id, label, suggested, quality, flagged_at, "
+                                "run, status) VALUES (?, ?, ?, ?, ?, ?, 'open')",
+                                (d.frame_id, d.label, d.suggested, d.quality, now, d.run))
+                n += 1
+        return n
+
+    def doubts(self) -> list[Doubt]:
+        """Open doubts, oldest first."""
+        rows = self.db.execute("SELECT * FROM label_doubt WHERE status = 'open' ORDER BY flagged_at, frame_id")
+        return [Doubt(r["frame_id"], r["label"], r["suggested"], r["quality"], r["run"]) for r in rows]
+
+    def doubtful(self) -> list[StoredSample]:
+        """The samples whose label is doubted and not yet reviewed again."""
+        return list(self._select("frame_id IN (SELECT frame_id FROM label_doubt WHERE status = 'open')"))
+
+    def confirmed_after_doubt(self) -> set[str]:
+        """Frames whose doubted label a person kept: not doubted again."""
+        return {r[0] for r in self.db.execute("SELECT frame_id FROM label_doubt WHERE status = 'confirmed'")}
+
+    # -- named queries -----------------------------------------------------------------------------
+    def _select(self, where: str, params: tuple[Any, ...] = ()) -> Iterator[StoredSample]:
+        # `where` is always one of this module's fixed filters; values travel as bound parameters.
         for r in self.db.execute(f"SELECT * FROM samples WHERE {where} ORDER BY ts, frame_id", params):
             yield StoredSample(
                 frame_id=r["frame_id"], sha256=r["sha256"], path=self.image_path(r["sha256"], r["ext"]),
                 station=r["station"], predicted=r["predicted"], confidence=r["confidence"],
                 model_version=r["model_version"], strategy=r["strategy"], split=r["split"], label=r["label"],
-                label_source=r["label_source"], meta=json.loads(r["meta"] or "{}"),
+                label_source=r["label_source"], meta=json.loads(r["meta"] or "{}"), used_in=r["used_in"],
             )
 
+    def _count(self, where: str, params: tuple[Any, ...] = ()) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM samples WHERE {where}", params).fetchone()[0]
+
+    def samples(self) -> Iterator[StoredSample]:
+        """Every sample, in capture order."""
+        return self._select("1")
+
     def unlabeled(self, limit: int | None = None) -> list[StoredSample]:
-        rows = list(self.samples("label IS NULL"))
+        rows = list(self._select("label IS NULL"))
         return rows[:limit] if limit else rows
 
     def labelled(self) -> list[StoredSample]:
-        return list(self.samples("label IS NOT NULL"))
+        return list(self._select("label IS NOT NULL"))
 
-    def count(self, where: str = "1", params: tuple = ()) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM samples WHERE {where}", params).fetchone()[0]
+    def new_labels(self) -> list[StoredSample]:
+        """Labelled, not used by any published version yet, and not held back by an open doubt."""
+        return list(self._select(f"{_NEW} AND {_NOT_DOUBTED}"))
+
+    def used_labels(self, split: str) -> list[StoredSample]:
+        """Labelled samples that earlier published versions trained on (`train`) or were judged on (`holdout`)."""
+        return list(self._select("label IS NOT NULL AND used_in IS NOT NULL AND split = ?", (split,)))
+
+    def holdout(self) -> list[StoredSample]:
+        """Every labelled sample of the holdout share (by content hash)."""
+        return list(self._select("label IS NOT NULL AND split = 'holdout'"))
+
+    def used_in(self, version: str) -> list[StoredSample]:
+        """The samples a published version was trained and judged on."""
+        return list(self._select("used_in = ?", (version,)))
+
+    def count(self) -> int:
+        return self._count("1")
+
+    def count_labelled(self) -> int:
+        return self._count("label IS NOT NULL")
+
+    def count_new_labels(self, label: str | None = None) -> int:
+        """As `new_labels()`, counted; only those of class `label` when given."""
+        if label is None:
+            return self._count(f"{_NEW} AND {_NOT_DOUBTED}")
+        return self._count(f"{_NEW} AND {_NOT_DOUBTED} AND label = ?", (label,))
+
+    def latest_classes(self) -> list[str]:
+        """The class names of the model that captured the most recently ingested sample."""
+        row = self.db.execute("SELECT classes FROM samples WHERE classes IS NOT NULL ORDER BY ingested_at DESC "
+                              "LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else []
 
     def get(self, frame_id: str) -> StoredSample | None:
-        return next(self.samples("frame_id = ?", (frame_id,)), None)
+        return next(self._select("frame_id = ?", (frame_id,)), None)
 
     def by_sha(self, sha256: str) -> list[StoredSample]:
-        return list(self.samples("sha256 = ?", (sha256,)))
+        return list(self._select("sha256 = ?", (sha256,)))

@@ -2,14 +2,18 @@
 
   1. take a Redis lock (a second run exits 0: "another update is running")
   2. ingest `continual:samples` into the store; below --min-new-labels: "nothing to do", exit 0
-  3. fine-tune the current model's float weights on the new labels + a class-balanced replay buffer
+  3. label doubt (continual.doubt, --no-label-doubt to skip): confident learning on out-of-sample
+     probabilities of the new labels; the doubtful ones are held out of training (marked in the store,
+     listed in the report, re-exported by `python -m continual.review export --doubtful`). The marks
+     stay with --dry-run and after a rejection: they are about the labels, not the candidate
+  4. fine-tune the current model's float weights on the new labels + a class-balanced replay buffer
      (the trainer's recipe; a class first seen in review grows the head). The checkpoint kept is the
      one with the best validation score of what the gate judges (accuracy, or macro-F1), never a
      smoothed loss, and early stopping waits --min-epochs: the first epochs of a fine-tune are its
      warm-up, and a low loss there says little about what the gate will see
-  4. recalibrate; evaluate candidate and current model on the original and the new holdout
-  5. gate (continual.gate): a verdict with reasons
-  6. quantize, publish, promote; a report (JSON, markdown, confusion matrices) in the run folder
+  5. recalibrate; evaluate candidate and current model on the original and the new holdout
+  6. gate (continual.gate): a verdict with reasons
+  7. quantize, publish, promote; a report (JSON, markdown, confusion matrices) in the run folder
 
 Exit status: 0 promoted or nothing to do, 2 rejected by the gate, 1 error. `--dry-run` stops
 before publishing.
@@ -60,6 +64,7 @@ SELECT_BY = "accuracy"
 LR = 3e-4
 WARMUP_EPOCHS = 1
 FREEZE_BN = False
+DOUBT_FOLDS = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"seconds a dead run's lock outlives it; a live run renews it every third of that "
                         f"(default {LOCK_TTL_S})")
     p.add_argument("--dry-run", action="store_true", help="train and judge, but publish nothing")
+    d = p.add_argument_group("label doubt")
+    d.add_argument("--label-doubt", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold out new labels that confident learning doubts (default on; --no-label-doubt: off)")
+    d.add_argument("--doubt-folds", type=int, default=DOUBT_FOLDS,
+                   help=f"cross-validation folds of the out-of-sample probabilities (default {DOUBT_FOLDS})")
     return p
 
 
@@ -261,7 +271,7 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
     registry = ModelRegistry(conn)
     with SampleStore(args.store) as store:
         ingested = ingest(conn, store)
-        new_labels = store.count("label IS NOT NULL AND used_in IS NULL")
+        new_labels = store.count_new_labels()
         if new_labels < args.min_new_labels:
             print(f"nothing to do: {new_labels} new labels (--min-new-labels {args.min_new_labels}); "
                   f"ingested {ingested['added']} samples", flush=True)
@@ -275,6 +285,11 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
         manifest = read_manifest(current)
         from .dataset import build_update_data
 
+        doubt: dict[str, Any] = {"enabled": False}
+        if args.label_doubt:
+            from .doubt import doubt_new_labels
+
+            doubt = doubt_new_labels(store, current, manifest, run.name, args.doubt_folds, args.seed)
         data = build_update_data(run, store, manifest["class_names"], args.base_split, args.replay, args.seed)
         log.info("update data", current=version, new_classes=data.new_classes, **data.counts)
         candidate = fine_tune(args, run, current, manifest, data)
@@ -286,7 +301,7 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
             published = registry.publish(candidate, promote=True)
             store.mark_used(data.new_frame_ids, published)
             _mirror_to_shards()
-        report = write_report(run, version, candidate, data, verdict, results, published, args.dry_run)
+        report = write_report(run, version, candidate, data, verdict, results, published, args.dry_run, doubt)
         print(json.dumps({k: report[k] for k in ("verdict", "current", "candidate", "published", "report")},
                          indent=2), flush=True)
         if not verdict.promote:
@@ -327,6 +342,8 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
             "--seed", str(args.seed), "--parent-version", manifest["version"]]
     if min_crop is not None:
         argv += ["--min-crop", str(min_crop)]
+    if manifest.get("attention"):  # pruned widths need no flag: the trainer reads them from the weights
+        argv += ["--attention", manifest["attention"]]
     if parent.get("trivial_augment"):
         argv += ["--trivial-augment"]
     if args.freeze_bn:
@@ -353,10 +370,10 @@ def grow_head(current: Path, manifest: dict[str, Any], classes: list[str], out: 
     from safetensors.torch import save_file
 
     from worker.artifact import load_float_model
-    from worker.model import build_model, head_parameters
+    from worker.model import build_from_manifest, head_parameters
 
     old = load_float_model(current, manifest)
-    new = build_model(manifest["arch"], len(classes))
+    new = build_from_manifest(manifest, num_classes=len(classes))  # attention and pruned widths kept
     state = new.state_dict()
     old_state = old.state_dict()
     head = {id(p) for p in head_parameters(new)}
@@ -371,7 +388,7 @@ def grow_head(current: Path, manifest: dict[str, Any], classes: list[str], out: 
 
 
 def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: Verdict, results: dict[str, Any],
-                 published: str | None, dry_run: bool) -> dict[str, Any]:
+                 published: str | None, dry_run: bool, doubt: dict[str, Any] | None = None) -> dict[str, Any]:
     from trainer import plots
 
     cand_manifest = read_manifest(candidate)
@@ -386,6 +403,7 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
         "classes": data.classes,
         "new_classes": data.new_classes,
         "data": data.counts,
+        "label_doubt": doubt or {"enabled": False},
         "results": {name: {who: asdict(s) for who, s in pair.items()} for name, pair in results.items()},
         "report": str(run / "report.md"),
     }
@@ -397,6 +415,7 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
     lines = [f"# Update {run.name}: {report['verdict']}", "",
              f"- current model: `{current}`", f"- candidate: `{report['candidate']}`",
              f"- data: {json.dumps(data.counts)}", f"- new classes: {data.new_classes or 'none'}", "",
+             *_doubt_lines(report["label_doubt"]),
              "## Verdict", "", *[f"- {r}" for r in verdict.reasons], "",
              "| holdout | n | current | candidate |", "| --- | --- | --- | --- |"]
     for name, pair in results.items():
@@ -414,6 +433,21 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
     lines += ["", f"Checks: `{json.dumps(verdict.checks)}`", ""]
     (run / "report.md").write_text("\n".join(lines))
     return report
+
+
+def _doubt_lines(doubt: dict[str, Any]) -> list[str]:
+    if not doubt.get("enabled"):
+        return ["## Label doubt", "", "off (--no-label-doubt)", ""]
+    lines = ["## Label doubt", "",
+             f"{doubt['flagged']} of {doubt['checked']} new labels doubted ({doubt['judged']} judged; classes with "
+             f"too few labels to judge: {doubt['skipped_classes'] or 'none'}); {doubt['held_out']} held out of "
+             "training in all. Review them: `python -m continual.review export --doubtful --out DIR`.", ""]
+    if doubt["frames"]:
+        lines += ["| frame | label | suggested | label quality |", "| --- | --- | --- | --- |"]
+        lines += [f"| {f['frame_id']} | {f['label']} | {f['suggested']} | {f['label_quality']:.3f} |"
+                  for f in doubt["frames"]]
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

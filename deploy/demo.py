@@ -157,6 +157,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         default_imgs = labelled_images(work / "stream-default")
         drift_imgs = labelled_images(work / f"stream-{DRIFT}")
         cams = [SimulatedCamera(conn, f"line-{i + 1}", prof.fps, default_imgs, "default").start() for i in range(2)]
+        drift_start = 0.0
         for cam in cams:
             stack.callback(cam.stop)
         monitor = Monitor(conn, cams)
@@ -169,6 +170,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         # 5. drift
         for cam in cams:
             cam.switch(drift_imgs, DRIFT)
+        drift_start = time.time()
         monitor.phase = f"drift: '{DRIFT}' conditions"
         monitor.mark(f"capture conditions drift to '{DRIFT}'")
         from continual.ingest import ingest
@@ -184,7 +186,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
                 _watch(monitor, view, 5)
                 ingest(conn, store)
                 review(store, work / "review", classes)
-                monitor.labelled = store.count("label IS NOT NULL")
+                monitor.labelled = store.count_labelled()
                 if monitor.labelled >= prof.min_labels:
                     break
         monitor.mark(f"simulated reviewer labelled {monitor.labelled} captured frames")
@@ -242,6 +244,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
             f"updated model on {DRIFT} frames": _fmt(after.get((v2, DRIFT))) if v2 != v1 else "–",
             "updated model on default frames": _fmt(after.get((v2, "default"))) if v2 != v1 else "–",
             "update verdict": verdict,
+            "drift alarm (continual.drift, nobody told it)": _alarm_text(monitor, drift_start),
             "failures (the worker's reason)": "; ".join(sorted(set(monitor.failures.values())))[:300] or "none",
         },
     }
@@ -251,6 +254,14 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         say(f"  {k}: {v}")
     say(f"wrote {summary} and plots in {out}/; stopped every process the demo started")
     return 0 if lost == 0 else 1
+
+
+def _alarm_text(monitor: Monitor, drift_start: float) -> str:
+    before = [a for a in monitor.drift_alarms if a[0] < drift_start]
+    after = [a for a in monitor.drift_alarms if a[0] >= drift_start]
+    text = (f"{after[0][1]} {after[0][0] - drift_start:.0f} s after the '{DRIFT}' shift began (psi {after[0][2]:.2f})"
+            if after else "did not fire")
+    return text + (f"; {len(before)} false alarm(s) before it" if before else "; none before it")
 
 
 def update_argv(prof: Profile, url: str, store: Path, out: Path, base_split: Path) -> list[str]:

@@ -47,12 +47,43 @@ class Monitor:
         self.labelled = 0
         self._last_id = "0-0"
         self.started = time.time()
+        # Drift, as continual.drift sees it: nobody tells the monitor when the night shift starts.
+        self.drift: dict[str, Any] = {}  # station -> the latest StationDrift
+        self.drift_alarms: list[tuple[float, str, float]] = []  # (time, station, psi) of each alarm raised
+        self._drift_checked = 0.0
+        self._manifests: dict[str, dict[str, Any]] = {}
 
     def mark(self, event: str) -> None:
         self.events.append((time.time(), event))
 
+    def check_drift(self, every_s: float = 10.0, window_minutes: int = 2, min_frames: int = 100) -> None:
+        """continual.drift's check of the serving version, every `every_s`; an alarm is marked once per station."""
+        if time.time() - self._drift_checked < every_s:
+            return
+        self._drift_checked = time.time()
+        from continual import drift
+        from worker.registry import ModelRegistry
+
+        version = ModelRegistry(self.conn).current()
+        if version is None:
+            return
+        if version not in self._manifests:
+            self._manifests[version] = ModelRegistry(self.conn).manifest(version)
+        try:
+            rows = drift.check(self.conn, self._manifests[version], window_minutes, min_frames)
+        except LookupError:
+            return  # a version published without a reference: nothing to compare with
+        raised = {s for _, s, _ in self.drift_alarms}
+        for row in rows:
+            self.drift[row.station] = row
+            if row.alarm and row.station not in raised:
+                self.drift_alarms.append((time.time(), row.station, row.psi))
+                self.mark(f"drift alarm on {row.station} (continual.drift: psi {row.psi:.2f}, "
+                          f"class mix psi {row.class_psi:.2f}, {row.frames} frames)")
+
     def poll(self) -> None:
         """Read new results from the stream and join them with what the cameras sent."""
+        self.check_drift()
         ledger: dict[str, Any] = {}
         for cam in self.cameras:
             ledger.update(cam.ledger)
@@ -138,6 +169,8 @@ class Monitor:
         t.add_row("accuracy (10 s)", fmt(s["accuracy_10s"], ".1%"))
         for (version, condition), (n, acc) in self.by_version_condition(time.time() - 60).items():
             t.add_row(f"  model …{version[-6:]} on {condition} (60 s)", f"{acc:.1%} of {n}")
+        for station, row in sorted(self.drift.items()):
+            t.add_row(f"  drift {station} (psi, 2 min)", f"{row.psi:.2f} {row.band}" + (" ALARM" if row.alarm else ""))
         t.add_row("frames sent / classified / failed", f"{s['sent']} / {s['done']} / {s['failed']}")
         t.add_row("samples waiting / labelled (simulated reviewer)", f"{s['samples_in_stream']} / {s['labelled']}")
         return t
@@ -146,9 +179,11 @@ class Monitor:
         s = self.snapshot()
         acc = "–" if s["accuracy_10s"] is None else f"{s['accuracy_10s']:.1%}"
         p99 = "–" if s["p99_ms"] is None else f"{s['p99_ms']:.0f}"
+        drift = " ".join(f"{st}:{r.psi:.2f}{'!' if r.alarm else ''}" for st, r in sorted(self.drift.items()))
         return (f"[{s['elapsed_s']:5.0f}s] {s['phase']:<28} {s['fps']:5.1f} fps  p99 {p99:>5} ms  "
                 f"acc(10s) {acc:>6}  queue {s['queue']:>4}  sent {s['sent']}  done {s['done']}  "
-                f"failed {s['failed']}  samples {s['samples_in_stream']}  labelled {s['labelled']}")
+                f"failed {s['failed']}  samples {s['samples_in_stream']}  labelled {s['labelled']}  "
+                f"drift {drift or '–'}")
 
 
 def write_report(monitor: Monitor, out: Path, facts: dict[str, Any]) -> Path:

@@ -84,7 +84,7 @@ def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, caps
 
     with SampleStore(store_dir) as store:  # the simulated reviewer labels every capture
         review(store, tmp_path / "review", CLASSES)
-        assert store.count("label IS NOT NULL") == 50
+        assert store.count_labelled() == 50
     # A candidate that fails one of the gate's checks (here an impossible latency bar) is not published:
     # exit 2, a report naming why, the current model untouched, the labels still new. (A consistent
     # mislabelling of a drift the model can tell apart is learned, and a holdout with the same wrong
@@ -95,6 +95,9 @@ def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, caps
     assert '"verdict": "rejected"' in out
     rejected = next(json.loads(r.read_text()) for r in (tmp_path / "updates").glob("*/report.json"))
     assert any("slower than the current model" in reason for reason in rejected["reasons"]), rejected["reasons"]
+    # Label doubt ran on every new label before the fine-tune (cleanly sorted colours: few or no flags).
+    assert rejected["label_doubt"]["enabled"] and rejected["label_doubt"]["checked"] == 50
+    assert rejected["label_doubt"]["flagged"] <= 5, rejected["label_doubt"]
     assert registry.current() == v1
 
     assert update_cli.main([*common, "--min-new-labels", "20"]) == 0

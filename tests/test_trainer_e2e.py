@@ -204,3 +204,39 @@ def _copy_run(src: Path, dst: Path) -> Path:
     for f in (src / "artifact").iterdir():
         (dst / "artifact" / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+def test_a_student_distils_from_a_teacher_run(trained: dict[str, Any], tmp_path: Path) -> None:
+    teacher_run = trained["run"]
+    student = tmp_path / "student"
+    assert train.main(["--split-file", str(teacher_run / "split.json"), "--out", str(student), "--epochs", "1",
+                       "--teacher", str(teacher_run), "--kd-temperature", "3", "--kd-alpha", "0.5",
+                       "--no-quantize", *COMMON[:4], "--input-size", "32", *COMMON[6:]]) == 0
+    config = json.loads((student / "config.json").read_text())
+    assert config["teacher"] == str(teacher_run) and config["kd_alpha"] == 0.5
+    assert config["teacher_input_size"] == [48, 48]  # the teacher sees its own input size
+    assert read_manifest(student / "artifact")["input_size"] == [32, 32]
+
+
+def test_distillation_loss_is_the_hard_loss_at_alpha_0_and_zero_against_itself() -> None:
+    from trainer.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images, hard = torch.randn(5, 3, 8, 8), torch.tensor(1.25)
+    student_logits = teacher(images).detach().requires_grad_(True)
+    assert Distiller(teacher, (8, 8), alpha=0.0).loss(images, student_logits, hard) == hard
+    itself = Distiller(teacher, (8, 8), temperature=4.0, alpha=1.0).loss(images, student_logits, hard)
+    assert abs(float(itself.detach())) < 1e-5
+    other = Distiller(teacher, (8, 8), alpha=1.0).loss(images, torch.zeros(5, 4, requires_grad=True), hard)
+    other.backward()
+    assert float(other.detach()) > 0
+    with pytest.raises(ValueError, match="kd-alpha"):
+        Distiller(teacher, (8, 8), alpha=1.5)
+
+
+def test_a_teacher_with_other_classes_is_refused(trained: dict[str, Any]) -> None:
+    from trainer.distill import Distiller
+
+    with pytest.raises(ValueError, match="not the student's"):
+        Distiller.from_run(trained["run"], ["a", "b"], torch.device("cpu"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,3 +119,68 @@ def summarize(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
         out["good_class"] = good_class
         out.update(good_class_rates(cm, list(class_names).index(good_class)))
     return out
+
+
+TARGET_DEFECT_RECALL = 0.95  # the inspection case: miss at most one defective part in twenty
+
+
+def defect_scores(probs: np.ndarray, good: int) -> np.ndarray:
+    """The defect score of each row: 1 - P(good), i.e. the probability of any defect class."""
+    return 1.0 - np.asarray(probs, dtype=np.float64)[:, good]
+
+
+def pick_threshold(scores: np.ndarray, is_defect: np.ndarray,
+                   target_recall: float = TARGET_DEFECT_RECALL) -> dict[str, Any]:
+    """The operating threshold t (a part is flagged defective when its score >= t) with the lowest
+    false-alarm rate among those keeping defect recall >= `target_recall`.
+
+    Raising t only removes flags, so the false-alarm rate falls with t while recall falls too: the
+    answer is the largest t that still flags ceil(target · defects) defective parts. Every t between
+    that defect's score and the next lower score gives the same counts on these samples; the midpoint
+    is returned, so a small shift in scores (int8 serving, TTA) does not cross a sample's score.
+    Without defective samples recall is undefined and `threshold` is None.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    is_defect = np.asarray(is_defect, dtype=bool)
+    if scores.shape != is_defect.shape or scores.ndim != 1:
+        raise ValueError("scores and is_defect must be 1-D arrays of the same length")
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    n_defect, n_good = int(is_defect.sum()), int((~is_defect).sum())
+    out: dict[str, Any] = {"threshold": None, "target_recall": float(target_recall), "defect_support": n_defect,
+                           "good_support": n_good, "defect_recall": None, "false_alarm_rate": None}
+    if n_defect == 0:
+        out["reason"] = "no defective parts to measure recall on"
+        return out
+    # the number of defects that must be flagged; the tolerance keeps 0.95 · 20 at 19, not 20
+    need = max(1, math.ceil(target_recall * n_defect - 1e-9))
+    kth = float(np.sort(scores[is_defect])[::-1][need - 1])
+    below = scores[scores < kth]
+    threshold = (kth + float(below.max())) / 2 if len(below) else kth
+    flagged = scores >= threshold
+    out.update(threshold=threshold, defect_recall=float(flagged[is_defect].mean()),
+               false_alarm_rate=float(flagged[~is_defect].mean()) if n_good else None)
+    return out
+
+
+def thresholded_predictions(probs: np.ndarray, good: int, threshold: float) -> np.ndarray:
+    """Class decisions at an operating threshold: the good class unless 1 - P(good) >= threshold,
+    else the most probable defect class (so the class agrees with the defect decision)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    masked = probs.copy()
+    masked[:, good] = -np.inf
+    return np.where(defect_scores(probs, good) >= threshold, masked.argmax(axis=1), good)
+
+
+def operating_point(probs: np.ndarray, labels: np.ndarray, good: int, threshold: float) -> dict[str, Any]:
+    """Accuracy, defect recall, false-alarm rate on good parts and macro-F1 at `threshold`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    num = np.asarray(probs).shape[1]
+    preds = thresholded_predictions(probs, good, threshold)
+    cm = confusion_matrix(labels, preds, num)
+    rates = good_class_rates(cm, good)
+    return {"threshold": float(threshold), "n": len(labels),
+            "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
+            "defect_recall": None if rates["miss_rate"] is None else 1.0 - rates["miss_rate"],
+            "false_alarm_rate": rates["false_alarm_rate"], "macro_f1": macro_f1(cm),
+            "good_support": rates["good_support"], "defect_support": rates["defect_support"]}

@@ -20,7 +20,8 @@ on `default` handles them poorly, which the continual-learning loop and the demo
     night     dim + blue cast + noise + slight blur (the demo's drift)
 
 Image `i` depends only on (seed, condition, i): a larger --n extends a smaller set.
-Writes DIR/<class>/<class>_<i>.jpg (every 10th a .png) and DIR/synth.json.
+Writes DIR/<class>/<class>_<i>.jpg (every 10th a .png) and DIR/synth.json (with `boxes`: each
+defect's ground-truth box in image pixels, keyed by the image's path under DIR).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -139,7 +141,10 @@ def _defect_center(rng: np.random.Generator, ph: int, pw: int, margin: float) ->
     return rng.uniform(pw * margin, pw * (1 - margin)), rng.uniform(ph * margin, ph * (1 - margin))
 
 
-def _scratch(rng: np.random.Generator, plate: np.ndarray) -> None:
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+
+
+def _scratch(rng: np.random.Generator, plate: np.ndarray) -> Box:
     ph, pw = plate.shape[:2]
     size = min(ph, pw)
     cx, cy = _defect_center(rng, ph, pw, 0.3)
@@ -159,9 +164,12 @@ def _scratch(rng: np.random.Generator, plate: np.ndarray) -> None:
     cv2.polylines(mask_b, [np.round(pts_arr * 4).astype(np.int32)], False, 1.0, thick, cv2.LINE_AA, 2)
     plate -= (rng.uniform(35, 60) * mask_s)[..., None]
     plate += (rng.uniform(55, 90) * mask_b)[..., None]
+    pad = thick + 1.5  # the groove's width and its shadow's offset
+    return (float(pts_arr[:, 0].min() - pad), float(pts_arr[:, 1].min() - pad),
+            float(pts_arr[:, 0].max() + pad), float(pts_arr[:, 1].max() + pad))
 
 
-def _dent(rng: np.random.Generator, plate: np.ndarray) -> None:
+def _dent(rng: np.random.Generator, plate: np.ndarray) -> Box:
     ph, pw = plate.shape[:2]
     size = min(ph, pw)
     cx, cy = _defect_center(rng, ph, pw, 0.25)
@@ -175,9 +183,11 @@ def _dent(rng: np.random.Generator, plate: np.ndarray) -> None:
     shade = (dx * math.cos(light) + dy * math.sin(light)) * inside
     rim = np.exp(-((np.sqrt(d2) - 1.0) ** 2) / 0.03)
     plate += (rng.uniform(45, 70) * shade - rng.uniform(10, 22) * rim)[..., None]
+    # the rim (d == 1) is drawn out to about d = 1.2
+    return (float(cx - 1.2 * rx), float(cy - 1.2 * ry), float(cx + 1.2 * rx), float(cy + 1.2 * ry))
 
 
-def _stain(rng: np.random.Generator, plate: np.ndarray) -> None:
+def _stain(rng: np.random.Generator, plate: np.ndarray) -> Box:
     ph, pw = plate.shape[:2]
     size = min(ph, pw)
     cx, cy = _defect_center(rng, ph, pw, 0.25)
@@ -188,6 +198,9 @@ def _stain(rng: np.random.Generator, plate: np.ndarray) -> None:
         axes = (max(2, int(r * rng.uniform(0.5, 1.0))), max(2, int(r * rng.uniform(0.4, 0.9))))
         cv2.ellipse(mask, (int(cx + ox), int(cy + oy)), axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(2.0, 4.0))
+    ys, xs = np.nonzero(mask > 0.05)  # where the stain visibly changes the plate
+    box = ((float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if len(xs)
+           else (float(cx), float(cy), float(cx + 1), float(cy + 1)))
     kind = rng.choice(["rust", "oil", "water"])
     if kind == "rust":
         color = np.array([rng.uniform(120, 160), rng.uniform(60, 85), rng.uniform(25, 45)], np.float32)
@@ -203,6 +216,7 @@ def _stain(rng: np.random.Generator, plate: np.ndarray) -> None:
     a = (alpha * mask)[..., None]
     plate *= 1 - a
     plate += a * color
+    return box
 
 
 DRAW = {"scratch": _scratch, "dent": _dent, "stain": _stain}
@@ -210,13 +224,17 @@ DRAW = {"scratch": _scratch, "dent": _dent, "stain": _stain}
 
 def render(label: str, rng: np.random.Generator, condition: Condition) -> np.ndarray:
     """One frame of class `label` as RGB uint8."""
+    return render_with_box(label, rng, condition)[0]
+
+
+def render_with_box(label: str, rng: np.random.Generator, condition: Condition) -> tuple[np.ndarray, list[int] | None]:
+    """One frame and its defect's ground-truth box [x0, y0, x1, y1] in image pixels (None for `ok`)."""
     w = int(rng.integers(224, 321))
     h = round(w * float(rng.uniform(0.72, 1.0)))
     scene = _background(rng, h, w)
     ph, pw = int(h * rng.uniform(0.6, 0.78)), int(w * rng.uniform(0.55, 0.75))
     plate = _plate(rng, ph, pw)
-    if label != GOOD_CLASS:
-        DRAW[label](rng, plate)
+    plate_box = DRAW[label](rng, plate) if label != GOOD_CLASS else None
     # place the plate at an angle, with a soft drop shadow
     angle = rng.uniform(-25, 25)
     center = (w / 2 + rng.uniform(-0.07, 0.07) * w, h / 2 + rng.uniform(-0.07, 0.07) * h)
@@ -228,6 +246,7 @@ def render(label: str, rng: np.random.Generator, condition: Condition) -> np.nda
     scene *= (1 - 0.45 * shadow)[..., None]
     m = mask[..., None]
     scene = scene * (1 - m) + placed * m
+    box = None if plate_box is None else _placed_box(plate_box, rot, w, h)
     # lighting: a gradient and a specular highlight
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
@@ -244,7 +263,15 @@ def render(label: str, rng: np.random.Generator, condition: Condition) -> np.nda
     if sigma > 0.3:
         scene = cv2.GaussianBlur(scene, (0, 0), sigma)
     scene += rng.normal(0, rng.uniform(*condition.noise_sigma), scene.shape).astype(np.float32)
-    return np.clip(scene, 0, 255).astype(np.uint8)
+    return np.clip(scene, 0, 255).astype(np.uint8), box
+
+
+def _placed_box(box: Box, rot: np.ndarray, w: int, h: int) -> list[int]:
+    """A box on the plate, after the plate's rotation and placement: the axis-aligned box of its corners."""
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ rot.T
+    return [max(0, int(np.floor(corners[:, 0].min()))), max(0, int(np.floor(corners[:, 1].min()))),
+            min(w, int(np.ceil(corners[:, 0].max()))), min(h, int(np.ceil(corners[:, 1].max())))]
 
 
 def encode(rgb: np.ndarray, png: bool, quality: int) -> bytes:
@@ -268,16 +295,22 @@ def generate(out: Path | str, n: int, *, condition: str = "default", seed: int =
     labels = class_sequence(n, defect_rate, seed)
     cond_key = list(CONDITIONS).index(condition)
     counts = dict.fromkeys(CLASSES, 0)
+    boxes: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for i, label in enumerate(labels):
         rng = np.random.default_rng([seed, cond_key, i])
-        rgb = render(label, rng, cond)
+        rgb, box = render_with_box(label, rng, cond)
         png = i % 10 == 9
         data = encode(rgb, png, int(rng.integers(82, 96)))
-        (out / label / f"{label}_{i:05d}.{'png' if png else 'jpg'}").write_bytes(data)
+        rel = f"{label}/{label}_{i:05d}.{'png' if png else 'jpg'}"
+        (out / rel).write_bytes(data)
+        if box is not None:
+            boxes[rel] = {"box": box, "size": [rgb.shape[1], rgb.shape[0]]}
         counts[label] += 1
     meta = {"generator": "trainer.synth", "n": n, "seed": seed, "condition": condition,
-            "defect_rate": defect_rate, "classes": list(CLASSES), "good_class": GOOD_CLASS, "counts": counts}
+            "defect_rate": defect_rate, "classes": list(CLASSES), "good_class": GOOD_CLASS, "counts": counts,
+            # each defect's ground-truth box [x0, y0, x1, y1] in the image's pixels, and the image's [w, h]
+            "boxes": boxes}
     (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("synthetic set written", out=str(out), n=n, condition=condition, seed=seed, counts=counts,
              seconds=round(time.perf_counter() - t0, 1))

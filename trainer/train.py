@@ -10,7 +10,8 @@ Steps, in the order of this file's `main`:
  3. recipe: AdamW (weight decay 0.01), linear warm-up (5 epochs) then cosine, label smoothing 0.1,
     mixed precision (fp16 + GradScaler on CUDA; bf16 autocast on CPU, by default only with AMX:
     on an AVX-512-only CPU it trained 3.5x slower than fp32), channels_last, gradient
-    clipping, optional focal loss, class-balanced sampling, TrivialAugment and weight EMA;
+    clipping, optional focal loss, class-balanced sampling, TrivialAugment, weight EMA and
+    knowledge distillation from a teacher run (--teacher RUN, trainer/distill.py);
  4. the loop: a progress bar per epoch; one validation metric (--select-by loss|accuracy|macro_f1,
     ties to the lower loss) picks the best checkpoint (RUN/best.safetensors) and drives early
     stopping (patience 5, not before --min-epochs); RUN/checkpoint.pt for --resume,
@@ -45,11 +46,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from continual.drift import reference_from_probs
 from worker.artifact import IMAGENET_MEAN, IMAGENET_STD, write_artifact
-from worker.model import build_model
+from worker.attention import ATTENTION_KINDS
+from worker.model import architecture_fields, build_architecture, pruned_channels
 from worker.quant import BACKENDS, DEFAULT_BACKEND, SMALL_INPUT_SIDE, default_backend
 
-from . import plots, recipe
+from . import distill, plots, recipe
 from .calibrate import fit_temperature
 from .data import (
     DataError,
@@ -63,9 +66,17 @@ from .data import (
     save_split,
     scan_folder,
 )
-from .evaluate import ARTIFACT_DIR, DEFAULT_GOOD_CLASS, SPLIT_FILE, evaluate_run, model_logits
+from .evaluate import (
+    ARTIFACT_DIR,
+    DEFAULT_GOOD_CLASS,
+    SPLIT_FILE,
+    evaluate_run,
+    model_logits,
+    pick_run_threshold,
+    store_threshold,
+)
 from .export import ExportError, export_onnx, require_onnx
-from .metrics import confusion_matrix, macro_f1, nll, summarize
+from .metrics import TARGET_DEFECT_RECALL, confusion_matrix, macro_f1, nll, softmax, summarize
 from .quantize import MAX_DROP_POINTS
 from .weights import WeightsError, check_available, load_model
 
@@ -85,12 +96,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-file", type=Path, help="reuse a split.json instead of making one")
     g.add_argument("--good-class", default=DEFAULT_GOOD_CLASS,
                    help="the class meaning 'no defect', for false-alarm/miss rates (default ok)")
+    g.add_argument("--target-recall", type=float, default=TARGET_DEFECT_RECALL,
+                   help="defect recall the operating threshold keeps on validation (default 0.95)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="torchvision classification model name (default resnet50)")
     g.add_argument("--weights", default="imagenet",
                    help="imagenet (local torch cache only), none (from scratch), or a weights file / artifact folder")
     g.add_argument("--freeze", default="none", help="none, head (train only the head), or a stage such as layer2")
+    g.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
+                   help="add squeeze-and-excitation or CBAM blocks to a ResNet's residual blocks (identity at start)")
     g.add_argument("--input-size", default="224", help="N or HxW (default 224; 128 is the tutorial's fast option)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=recipe.EPOCHS)
@@ -112,6 +127,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--balanced-sampling", action="store_true", help="sample every class equally often")
     g.add_argument("--freeze-bn", action="store_true",
                    help="batch-norm layers keep their running statistics (fine-tuning on a small set)")
+    g.add_argument("--teacher", type=Path, metavar="RUN",
+                   help="distil from this run's model (trainer/distill.py): same classes, any architecture")
+    g.add_argument("--kd-temperature", type=float, default=distill.KD_TEMPERATURE, help="softens both distributions")
+    g.add_argument("--kd-alpha", type=float, default=distill.KD_ALPHA,
+                   help="weight of the teacher's soft targets; the rest is the hard-label loss")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights and use it for validation/export")
     g.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -218,7 +238,8 @@ def autocast_for(device: torch.device, amp: str) -> Any:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loader: torch.utils.data.DataLoader,
                     device: torch.device, args: argparse.Namespace, epoch: int,
-                    scaler: torch.amp.GradScaler | None, ema: nn.Module | None) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None, ema: nn.Module | None,
+                    distiller: distill.Distiller | None = None) -> tuple[float, float]:
     recipe.set_train_mode(model, args.freeze_bn)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not args.progress,
@@ -230,6 +251,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         with autocast_for(device, args.amp):
             output = model(images)
             loss = criterion(output.float(), target)
+            if distiller is not None:
+                loss = distiller.loss(images, output, loss)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -332,7 +355,10 @@ def finish(run: Path, model: nn.Module, split: Split, args: argparse.Namespace, 
         **{f"best_{k}": v for k, v in meta["best"].items()},
         "train_seconds": round(meta["train_seconds"], 1),
     }
-    extra = {"good_class": good, "training": meta["training"],
+    # What the model says on validation, calibrated: continual.drift compares production with it.
+    drift_reference = reference_from_probs(softmax(val_logits, temperature))
+    extra = {"good_class": good, "training": meta["training"], "drift_reference": drift_reference,
+             **architecture_fields(model, args.arch, args.attention),
              "data": {"root": str(split.root), "split_file": SPLIT_FILE, "counts": split.counts(), "seed": split.seed}}
     artifact = run / ARTIFACT_DIR
     manifest = write_artifact(artifact, model, arch=args.arch, class_names=split.classes, input_size=size,
@@ -346,7 +372,19 @@ def finish(run: Path, model: nn.Module, split: Split, args: argparse.Namespace, 
         log.info("quantized", chosen=report["chosen"], fp32_val_acc=round(report["fp32"]["accuracy"], 4),
                  backends={k: {"val_acc": v["accuracy"], "speedup": v["speedup"], "error": v["error"]}
                            for k, v in report["backends"].items()})
-    evaluate_run(run, split="test")
+    # The operating threshold is picked with the model as served (int8 when quantized): its scores
+    # are what the worker compares with the threshold, and they differ slightly from fp32's.
+    chosen = pick_run_threshold(run, target_recall=getattr(args, "target_recall", TARGET_DEFECT_RECALL),
+                                good_class=good) if good else None
+    report = evaluate_run(run, split="test")
+    at = report["metrics"].get("operating_point")
+    if chosen and at:
+        manifest = store_threshold(artifact, chosen, {
+            "operating_threshold": chosen["threshold"], "test_op_accuracy": at["accuracy"],
+            "test_op_defect_recall": at["defect_recall"], "test_op_false_alarm_rate": at["false_alarm_rate"],
+            "test_op_macro_f1": at["macro_f1"]})
+    else:
+        manifest = json.loads((artifact / "manifest.json").read_text())
     return manifest
 
 
@@ -392,7 +430,7 @@ def run_training(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, workers=args.workers)
 
     # 2. model
-    model, weights = load_model(args.arch, num_classes, args.weights)
+    model, weights = load_model(args.arch, num_classes, args.weights, args.attention)
     frozen = recipe.apply_freeze(model, args.freeze)
     if args.freeze != "none" and not weights.pretrained:
         log.warning("freezing randomly initialised layers: they will never learn", freeze=args.freeze)
@@ -410,14 +448,18 @@ def run_training(args: argparse.Namespace) -> int:
     args.amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
     ema = recipe.make_ema(model, args.ema_decay) if args.ema else None
-    training = {"arch": args.arch, "weights": weights.source, "weights_path": weights.path, "freeze": args.freeze,
+    distiller = distill.Distiller.from_run(args.teacher, split.classes, device, args.kd_temperature, args.kd_alpha) \
+        if args.teacher else None
+    training = {"arch": args.arch, "attention": args.attention, "weights": weights.source, "weights_path": weights.path,
+                "freeze": args.freeze,
                 "frozen_tensors": frozen, "lr": lr, "weight_decay": args.weight_decay, "epochs": args.epochs,
                 "warmup_epochs": warmup, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
                 "focal_loss": args.focal_loss, "balanced_sampling": args.balanced_sampling, "ema": args.ema,
                 "amp": args.amp, "channels_last": args.channels_last, "clip_grad_norm": args.clip_grad_norm,
                 "min_crop": args.min_crop, "trivial_augment": args.trivial_augment, "seed": args.seed,
                 "select_by": args.select_by, "patience": args.patience, "min_epochs": args.min_epochs,
-                "freeze_bn": args.freeze_bn,
+                "freeze_bn": args.freeze_bn, "teacher": str(args.teacher) if args.teacher else None,
+                **(distiller.describe() if distiller else {}),
                 "input_size": list(input_size), "device": str(device), "torch": torch.__version__,
                 "threads": torch.get_num_threads()}
     (run / "config.json").write_text(json.dumps({**training, "data": str(split.root), "classes": split.classes},
@@ -457,7 +499,7 @@ def run_training(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed * 10_000 + epoch)  # augmentation draws: reproducible across --resume
         loader = train_loader(split, train_set, args, epoch)
         train_loss, train_acc = train_one_epoch(model, criterion, optimizer, scheduler, loader, device, args,
-                                                epoch, scaler, ema)
+                                                epoch, scaler, ema, distiller)
         judged = ema.module if ema is not None else model
         val = validate(judged, val_loader, nn.CrossEntropyLoss(), device, args, num_classes)
         seconds = time.perf_counter() - t0
@@ -492,7 +534,9 @@ def run_training(args: argparse.Namespace) -> int:
     # 5. finish
     if not (run / BEST).is_file():
         raise ValueError("no epoch finished: nothing to export")
-    best_model = build_model(args.arch, num_classes)
+    # The trained network's own shape: attention blocks and, when started from a pruned run, its widths.
+    best_model = build_architecture(args.arch, num_classes, args.attention,
+                                    pruned_channels(model, args.arch, args.attention))
     best_model.load_state_dict(load_file(str(run / BEST)))
     meta = {"input_size": input_size, "best_epoch": best_epoch, "select_by": args.select_by, "best": best or {},
             "parent_version": args.parent_version,

@@ -20,7 +20,15 @@ import torchvision
 from torch import nn
 
 from worker.artifact import FLOAT_FILE, MANIFEST
-from worker.model import available_architectures, build_model, replace_head
+from worker.attention import add_attention
+from worker.model import (
+    apply_channels,
+    available_architectures,
+    build_architecture,
+    build_model,
+    channels_in_state,
+    replace_head,
+)
 
 log = structlog.get_logger("visionqueue.weights")
 
@@ -151,28 +159,49 @@ def load_imagenet(arch: str, num_classes: int) -> tuple[nn.Module, WeightsInfo]:
     return model, WeightsInfo("imagenet", True, str(path), url)
 
 
-def load_file_weights(arch: str, num_classes: int, path: Path | str) -> tuple[nn.Module, WeightsInfo]:
-    """A state dict with our head for `num_classes` (e.g. an earlier run), or a torchvision-shaped one."""
+def load_file_weights(arch: str, num_classes: int, path: Path | str,
+                      attention: str | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """A state dict with our head for `num_classes` (e.g. an earlier run, pruned or not), or a torchvision-shaped one.
+
+    A pruned run's widths are read from the file's own tensor shapes, so its weights file alone is
+    enough to rebuild it; with `attention`, a file without attention blocks gets fresh (identity) ones.
+    """
     state = read_state_dict(path)
-    ours = build_model(arch, num_classes)
-    try:
-        ours.load_state_dict(state, strict=True)
-        model = ours
-    except RuntimeError as ours_exc:
+    # Ours as asked, then (with attention) ours without it, blocks added after loading.
+    for built_with in dict.fromkeys([attention, None]):
+        ours = build_architecture(arch, num_classes, built_with)
         try:
-            model = _load_backbone_then_head(arch, num_classes, _fix_legacy_keys(arch, state), str(path))
-        except WeightsError:
-            raise WeightsError(
-                f"{path} fits neither {arch} with a {num_classes}-class head nor torchvision's {arch}: {ours_exc}"
-            ) from None
+            # the head keeps num_classes: a file with another head must not silently change the model's classes
+            apply_channels(ours, channels_in_state(ours, state), num_classes=num_classes)
+            ours.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError) as exc:
+            ours_exc = exc
+            continue
+        if attention and built_with is None:
+            add_attention(ours, attention)
+        return ours, WeightsInfo("file", True, str(path))
+    try:
+        model = _load_backbone_then_head(arch, num_classes, _fix_legacy_keys(arch, state), str(path))
+    except WeightsError:
+        raise WeightsError(
+            f"{path} fits neither {arch} with a {num_classes}-class head nor torchvision's {arch}: {ours_exc}"
+        ) from None
+    if attention:
+        add_attention(model, attention)
     return model, WeightsInfo("file", True, str(path))
 
 
-def load_model(arch: str, num_classes: int, weights: str) -> tuple[nn.Module, WeightsInfo]:
-    """`arch` with our head for `num_classes`, started from `weights`: 'imagenet', 'none' or a path."""
+def load_model(arch: str, num_classes: int, weights: str,
+               attention: str | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """`arch` with our head for `num_classes`, started from `weights`: 'imagenet', 'none' or a path.
+
+    `attention` ('se', 'cbam') adds identity-initialised blocks after the weights are in, so the
+    pretrained network computes exactly what it did (worker.attention).
+    """
     if weights == "none":
-        return build_model(arch, num_classes), WeightsInfo("none", False)
+        return build_architecture(arch, num_classes, attention), WeightsInfo("none", False)
     if weights == "imagenet":
         check_available(arch, weights)
-        return load_imagenet(arch, num_classes)
-    return load_file_weights(arch, num_classes, weights)
+        model, info = load_imagenet(arch, num_classes)
+        return (add_attention(model, attention) if attention else model), info
+    return load_file_weights(arch, num_classes, weights, attention)

@@ -3,7 +3,12 @@
     manifest.json         format version, arch, classes, input size, normalization, precision,
                           quantization, temperature, metrics, parent version, sha256 per file
     weights.safetensors   float weights (fine-tuning starts here; CUDA serves them under autocast)
-    int8.safetensors      observed-model state from which the worker rebuilds the int8 model (CPU)
+    int8.safetensors      the int8 model (CPU): int8 weights, per-channel scales and zero points,
+                          activation qparams (quantization.format "int8-weights", about a quarter
+                          of the float size); artifacts written before hold the observed model's
+                          state instead (format absent or "observed") and still load
+    model.onnx            optional: the ONNX export (`python -m trainer.export --into-artifact`),
+                          served with VQ_BACKEND=onnxruntime
 
 Reading the manifest and checking files needs no torch (the registry and producers use it);
 `load_for_serving` builds the model. Nothing here unpickles: tensors come from safetensors,
@@ -31,6 +36,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FLOAT_FILE = "weights.safetensors"
 INT8_FILE = "int8.safetensors"
+ONNX_FILE = "model.onnx"
+INT8_WEIGHTS_FORMAT = "int8-weights"  # quantization.format: the converted model's int8 tensors
+OBSERVED_FORMAT = "observed"  # the observers' state (float-sized); what a manifest without a format holds
+INT8_FORMATS = (OBSERVED_FORMAT, INT8_WEIGHTS_FORMAT)
+BACKENDS = ("torch", "onnxruntime")  # VQ_BACKEND: what runs the served model on CPU
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,7 +51,7 @@ REQUIRED = ("format", "format_version", "arch", "class_names", "input_size", "no
 # Everything in a manifest is data that may have come from Redis: it is bounded before anything is
 # allocated from it (a 100k x 100k input_size would OOM every worker at once), and no name in it is
 # ever used as a path unless it is one of ours.
-DATA_FILES = frozenset({FLOAT_FILE, INT8_FILE})
+DATA_FILES = frozenset({FLOAT_FILE, INT8_FILE, ONNX_FILE})
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_FILES = len(DATA_FILES)
 MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 2048
@@ -189,6 +199,15 @@ def validate_manifest(manifest: Any) -> dict[str, Any]:
             raise ArtifactError(f"quantization file {str(quant.get('file'))[:80]!r} is not listed in files")
         if not (isinstance(quant.get("backend"), str) and _BACKEND_RE.fullmatch(quant["backend"])):
             raise ArtifactError(f"quantization backend {str(quant.get('backend'))[:40]!r} is not a backend name")
+        if quant.get("format", OBSERVED_FORMAT) not in INT8_FORMATS:
+            raise ArtifactError(f"quantization format {str(quant.get('format'))[:40]!r} is not one of "
+                                f"{', '.join(INT8_FORMATS)}")
+    onnx = manifest.get("onnx")
+    if onnx is not None:
+        if not (isinstance(onnx, dict) and onnx.get("file") == ONNX_FILE and ONNX_FILE in files):
+            raise ArtifactError(f"onnx must be an object naming {ONNX_FILE}, listed in files")
+        if not isinstance(onnx.get("int8", False), bool):
+            raise ArtifactError("onnx.int8 must be true or false")
     if not isinstance(manifest.get("metrics", {}), dict):
         raise ArtifactError("metrics must be an object")
     return manifest
@@ -215,8 +234,16 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     return parse_manifest(mpath.read_bytes(), str(mpath))
 
 
-def serving_files(manifest: dict[str, Any], device: str = "cpu") -> list[str]:
-    """Files a worker on `device` needs: the int8 state on CPU when there is one, else the float weights."""
+def serving_files(manifest: dict[str, Any], device: str = "cpu", backend: str = "torch") -> list[str]:
+    """Files a worker on `device` needs: model.onnx for the onnxruntime backend, the int8 state on CPU
+    when there is one, else the float weights."""
+    if backend == "onnxruntime":
+        if not manifest.get("onnx"):
+            raise ArtifactError("VQ_BACKEND=onnxruntime but the artifact has no model.onnx "
+                                "(python -m trainer.export --run RUN --format onnx --into-artifact)")
+        return [ONNX_FILE]
+    if backend not in BACKENDS:
+        raise ArtifactError(f"unknown backend {backend[:40]!r}; one of {', '.join(BACKENDS)}")
     quant = manifest.get("quantization")
     if device == "cpu" and quant:
         return [quant["file"]]
@@ -249,12 +276,18 @@ def write_artifact(
     std: tuple[float, ...] = IMAGENET_STD,
     int8_state: dict[str, torch.Tensor] | None = None,
     int8_backend: str | None = None,
+    int8_format: str = INT8_WEIGHTS_FORMAT,
     temperature: float = 1.0,
     metrics: dict[str, Any] | None = None,
     parent_version: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write float weights (+ optional int8 state) and the manifest; returns the manifest."""
+    """Write float weights (+ optional int8 model) and the manifest; returns the manifest.
+
+    `int8_state` is the calibrated observers' state (what every quantizer here produces). By default
+    it is converted and the int8 tensors are stored (a quarter of the float size);
+    `int8_format=OBSERVED_FORMAT` stores the observer state as artifacts did before.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -267,10 +300,16 @@ def write_artifact(
     if int8_state is not None:
         if not int8_backend:
             raise ArtifactError("int8_state given without int8_backend")
-        save_file(int8_state, str(out / INT8_FILE))
+        if int8_format == INT8_WEIGHTS_FORMAT:
+            tensors, metadata = _int8_weights(model, int8_backend, int8_state, input_size)
+            save_file(tensors, str(out / INT8_FILE), metadata=metadata)
+        elif int8_format == OBSERVED_FORMAT:
+            save_file(int8_state, str(out / INT8_FILE))
+        else:
+            raise ArtifactError(f"unknown int8 format {int8_format!r}; one of {', '.join(INT8_FORMATS)}")
         files[INT8_FILE] = {"sha256": sha256_file(out / INT8_FILE), "bytes": (out / INT8_FILE).stat().st_size,
                             "role": "serving"}
-        quantization = {"backend": int8_backend, "file": INT8_FILE, "dtype": "int8"}
+        quantization = {"backend": int8_backend, "file": INT8_FILE, "dtype": "int8", "format": int8_format}
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -294,6 +333,24 @@ def write_artifact(
     return manifest
 
 
+def _int8_weights(
+    model: nn.Module, backend: str, state: dict[str, torch.Tensor], input_size: tuple[int, int] | list[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Convert the observed state on a copy of `model` (prepare may fuse modules in place) to int8 tensors."""
+    import copy
+
+    import torch
+
+    from .quant import QuantizationError, convert_observed_state, int8_tensors
+
+    example = torch.zeros(2, 3, int(input_size[0]), int(input_size[1]))
+    try:
+        converted = convert_observed_state(backend, copy.deepcopy(model).eval(), example, state)
+    except QuantizationError as exc:
+        raise ArtifactError(str(exc)) from exc
+    return int8_tensors(converted)
+
+
 def load_state(path: Path | str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -302,12 +359,12 @@ def load_state(path: Path | str) -> dict[str, torch.Tensor]:
 
 def load_float_model(path: Path | str, manifest: dict[str, Any] | None = None) -> nn.Module:
     """The float model, checksums verified (for fine-tuning, evaluation, CUDA serving)."""
-    from .model import build_model
+    from .model import build_from_manifest
 
     path = Path(path)
     manifest = manifest or read_manifest(path)
     verify_files(path, manifest, [FLOAT_FILE])
-    model = build_model(manifest["arch"], len(manifest["class_names"]))
+    model = build_from_manifest(manifest)
     _load_strict(model, load_state(path / FLOAT_FILE), FLOAT_FILE)
     return model.eval()
 
@@ -333,28 +390,49 @@ class ServingModel:
         return self.manifest.get("version", "unversioned")
 
 
-def load_for_serving(path: Path | str, device: str = "cpu", precision: str = "auto") -> ServingModel:
+def load_for_serving(path: Path | str, device: str = "cpu", precision: str = "auto",
+                     backend: str = "torch") -> ServingModel:
     """Verify and load the model a worker serves.
 
-    CPU: the int8 model rebuilt from its observed state when the artifact has one (precision
-    'auto' or 'int8'), else fp32. CUDA: float weights, run under fp16/bf16 autocast.
+    CPU: the int8 model rebuilt from its int8 weights (or, for older artifacts, its observed state)
+    when the artifact has one (precision 'auto' or 'int8'), else fp32. CUDA: float weights, run
+    under fp16/bf16 autocast. `backend="onnxruntime"`: the artifact's model.onnx in an ONNX Runtime
+    CPU session (int8 when it was exported with --int8).
     """
     import torch
 
-    from .model import build_model, to_inference
-    from .quant import QuantizationError, get_backend, rebuild_int8
+    from .model import build_from_manifest, to_inference
+    from .quant import QuantizationError, get_backend, load_int8_tensors, rebuild_int8
 
     path = Path(path)
     manifest = read_manifest(path)
-    names = serving_files(manifest, device)
+    names = serving_files(manifest, device, backend)
     verify_files(path, manifest, names)
     h, w = manifest["input_size"]
+    if backend == "onnxruntime":
+        if device != "cpu":
+            raise ArtifactError(f"VQ_BACKEND=onnxruntime serves on cpu only (VQ_DEVICE is {device})")
+        from .onnx_backend import OnnxModule
+
+        onnx_int8 = bool(manifest["onnx"].get("int8", False))
+        if precision not in ("auto", "int8" if onnx_int8 else "fp32"):
+            raise ArtifactError(f"precision {precision} requested but model.onnx is "
+                                f"{'int8' if onnx_int8 else 'fp32'}")
+        return ServingModel(OnnxModule(safe_child(path, ONNX_FILE)), manifest, "int8" if onnx_int8 else "fp32", False)
     quant = manifest.get("quantization")
     if device == "cpu" and quant and precision in ("auto", "int8"):
-        float_model = build_model(manifest["arch"], len(manifest["class_names"])).eval()
+        float_model = build_from_manifest(manifest).eval()
         example = torch.zeros(2, 3, h, w)
         try:
-            model = rebuild_int8(quant["backend"], float_model, example, load_state(safe_child(path, quant["file"])))
+            file = safe_child(path, quant["file"])
+            if quant.get("format", OBSERVED_FORMAT) == INT8_WEIGHTS_FORMAT:
+                from safetensors import safe_open
+
+                with safe_open(str(file), "pt") as f:
+                    metadata = f.metadata()
+                model = load_int8_tensors(quant["backend"], float_model, example, load_state(file), metadata)
+            else:
+                model = rebuild_int8(quant["backend"], float_model, example, load_state(file))
         except QuantizationError as exc:
             raise ArtifactError(str(exc)) from exc
         return ServingModel(model.eval(), manifest, "int8", get_backend(quant["backend"]).shape_specialized)

@@ -47,6 +47,7 @@ from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
 from . import rq_internals as rq
+from .drift_stats import DriftStats
 from .hot_swap import ModelWatcher
 from .jobs import RESULTS_STREAM, FrameJob, FrameQueue
 from .logs import configure_logging
@@ -78,6 +79,7 @@ class Batch:
     decode_started: float = 0.0
     record_attempts: int = 0
     records: list[rq.Record] | None = None  # built once: a retried write sends the same
+    drift: DriftStats | None = None  # what the model said, per station, for continual.drift
 
 
 class BatchWorker(SimpleWorker):
@@ -423,7 +425,9 @@ class BatchWorker(SimpleWorker):
         self.metrics.batch_size.observe(len(images))
         self.metrics.decode.observe(decode_s)
         self.metrics.inference.observe(infer_s)
+        batch.drift = DriftStats(engine.version)
         for task, image, prediction in zip(decoded, images, engine.predictions(probs), strict=True):
+            batch.drift.add(task.frame["station"], prediction.confidence, prediction.class_index)
             if self.samples is not None:
                 self.samples.offer(task.frame, prediction, image, engine.version, engine.class_names)
             enqueued = task.job.enqueued_at.timestamp() if task.job.enqueued_at else batch.claimed_at
@@ -444,6 +448,8 @@ class BatchWorker(SimpleWorker):
             try:
                 with self.metrics.stage("record"):
                     self.health.call(lambda b=batch: self._finish(b), stop=self._give_up)
+                if batch.drift:
+                    self._quietly(lambda b=batch: self._write_drift(b))  # a statistic: skipped while Redis is away
             except RedisOutageError as exc:
                 self._fail_fatally(exc)
             except Exception:
@@ -488,6 +494,12 @@ class BatchWorker(SimpleWorker):
         self.failed_job_count += _failures(recorded)
         log.debug("batch done", size=len(batch.tasks), version=batch.engine.version if batch.engine else None,
                   **recorded)
+
+    def _write_drift(self, batch: Batch) -> None:
+        with self.connection.pipeline(transaction=False) as pipe:
+            assert batch.drift is not None
+            batch.drift.write(pipe)
+            pipe.execute()
 
     def _records(self, batch: Batch) -> list[rq.Record]:
         with self.metrics.stage("stream"):

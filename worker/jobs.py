@@ -25,6 +25,7 @@ import binascii
 import json
 import zlib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -71,6 +72,15 @@ class FrameJob(Job):
     defects: list[str]
     forbidden: list[str]
 
+    def __init__(self, id: str | None = None, connection: Redis | None = None, serializer: Any = None) -> None:
+        if serializer is MsgpackSerializer:
+            # RQ checks a serializer against its typing Protocol on every Job (a runtime isinstance,
+            # ~5 µs): a claimed batch makes hundreds. Ours is known good.
+            super().__init__(id, connection=connection)
+            self.serializer = serializer
+        else:
+            super().__init__(id, connection=connection, serializer=serializer)
+
     def restore(self, raw_data: Any) -> None:
         obj: dict[str, bytes] = {}
         self.defects, self.forbidden = [], []
@@ -81,11 +91,11 @@ class FrameJob(Job):
                 self.defects.append("the job hash has a field name that is not UTF-8")
         self.forbidden = [name for name in FORBIDDEN_FIELDS if obj.get(name)]
         self.data = self._restore_data(obj.get("data"))
-        self.created_at = self._field(obj, "created_at", str_to_date, now())
-        self.enqueued_at = self._field(obj, "enqueued_at", str_to_date, None)
-        self.started_at = self._field(obj, "started_at", str_to_date, None)
-        self.ended_at = self._field(obj, "ended_at", str_to_date, None)
-        self.last_heartbeat = self._field(obj, "last_heartbeat", str_to_date, None)
+        self.created_at = self._field(obj, "created_at", _date, now())
+        self.enqueued_at = self._field(obj, "enqueued_at", _date, None)
+        self.started_at = self._field(obj, "started_at", _date, None)
+        self.ended_at = self._field(obj, "ended_at", _date, None)
+        self.last_heartbeat = self._field(obj, "last_heartbeat", _date, None)
         self.origin = self._field(obj, "origin", _text, "")
         self.worker_name = self._field(obj, "worker_name", _text, None)
         self.description = self._field(obj, "description", _text, None)
@@ -157,6 +167,16 @@ class FrameJob(Job):
 
 def _text(raw: bytes) -> str:
     return raw.decode()
+
+
+def _date(raw: bytes) -> datetime:
+    """RQ's timestamp ('2026-11-28T12:00:00.123456Z'), parsed in C: RQ's strptime took a sixth of a
+    claimed frame's CPU. Anything else goes through RQ's own parser."""
+    try:
+        parsed = datetime.fromisoformat(raw.decode())
+    except ValueError:
+        return str_to_date(raw)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _int(raw: bytes) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import nn
@@ -89,3 +91,146 @@ def to_inference(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(memory_format=torch.channels_last)
+
+
+# -- structure beyond the torchvision name: attention blocks and pruned channel counts ---------------
+# The manifest says how to rebuild a network that `arch` alone does not describe, as plain JSON (no
+# pickled module): "attention" (null, "se" or "cbam") and "pruned_channels", {module name: [in, out]}
+# for every Conv2d / BatchNorm2d / Linear whose width differs from the freshly built model.
+_RESIZABLE = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+MAX_PRUNED_LAYERS = 4096
+
+
+def _widths(module: nn.Module) -> list[int]:
+    if isinstance(module, nn.Conv2d):
+        return [module.in_channels, module.out_channels]
+    if isinstance(module, nn.BatchNorm2d):
+        return [module.num_features, module.num_features]
+    return [module.in_features, module.out_features]
+
+
+def _resized(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
+    """A fresh module like `module` with other widths (its weights come from the state dict later)."""
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups == module.in_channels and module.groups > 1
+        if module.groups > 1 and not depthwise:
+            raise ValueError("grouped (non-depthwise) convolutions cannot be rebuilt with other widths")
+        return nn.Conv2d(c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
+                         groups=c_in if depthwise else 1, bias=module.bias is not None,
+                         padding_mode=module.padding_mode)
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(c_out, module.eps, module.momentum, module.affine, module.track_running_stats)
+    return nn.Linear(c_in, c_out, bias=module.bias is not None)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def apply_channels(model: nn.Module, channels: dict[str, Any], num_classes: int | None = None) -> nn.Module:
+    """Give the named layers the recorded [in, out] widths, in place; ValueError on anything odd.
+
+    `num_classes` overrides the head's output width, so an updater can grow the head of a pruned model.
+    """
+    if not isinstance(channels, dict) or len(channels) > MAX_PRUNED_LAYERS:
+        raise ValueError(f"pruned_channels must be an object of at most {MAX_PRUNED_LAYERS} layers")
+    head_parent, head_attr = _head_slot_after_replace(model)
+    head = head_parent[int(head_attr)] if head_attr.isdigit() else getattr(head_parent, head_attr)
+    head_linear = head[1]
+    for name, widths in channels.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"pruned_channels names {name[:80]!r}, which the architecture does not have") from None
+        if not isinstance(module, _RESIZABLE):
+            raise ValueError(f"pruned_channels names {name!r}, a {type(module).__name__}, not a conv/bn/linear layer")
+        if not (isinstance(widths, list) and len(widths) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= 65536 for w in widths)):
+            raise ValueError(f"pruned_channels[{name!r}] must be [in, out], two positive integers")
+        c_in, c_out = widths
+        if module is head_linear and num_classes is not None:
+            c_out = num_classes
+        _set_module(model, name, _resized(module, c_in, c_out))
+    return model
+
+
+def build_architecture(arch: str, num_classes: int, attention: str | None = None,
+                       channels: dict[str, Any] | None = None, dropout: float = HEAD_DROPOUT) -> nn.Module:
+    """`arch` with our head, plus attention blocks and pruned widths: random weights, the exact shapes."""
+    from .attention import add_attention
+
+    model = build_model(arch, num_classes, dropout)
+    if attention:
+        add_attention(model, attention)
+    if channels:
+        apply_channels(model, channels, num_classes)
+    return model
+
+
+def build_from_manifest(manifest: dict[str, Any], num_classes: int | None = None) -> nn.Module:
+    """The network an artifact's manifest describes (random weights: load its state strictly next).
+
+    The one place that turns a manifest into a module, for the worker, quantization and the updater.
+    `num_classes` (default: the manifest's class count) lets the updater grow the head.
+    """
+    from .artifact import ArtifactError  # here, not at the top: artifact imports this module lazily too
+
+    attention = manifest.get("attention")
+    n = num_classes if num_classes is not None else len(manifest["class_names"])
+    try:
+        if attention is not None and not isinstance(attention, str):
+            raise ValueError("attention must be a string or null")
+        return build_architecture(manifest["arch"], n, attention, manifest.get("pruned_channels"))
+    except ValueError as exc:  # a manifest that does not describe a buildable network is a bad artifact
+        raise ArtifactError(f"manifest architecture: {exc}") from exc
+
+
+def pruned_channels(model: nn.Module, arch: str, attention: str | None = None) -> dict[str, list[int]]:
+    """{layer: [in, out]} for every resizable layer of `model` narrower or wider than the fresh build's."""
+    reference = dict(build_architecture(arch, _num_outputs(model), attention).named_modules())
+    out: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _RESIZABLE):
+            ref = reference.get(name)
+            if ref is None or type(ref) is not type(module):
+                raise ValueError(f"layer {name} is not in a fresh {arch} (attention {attention}): cannot record it")
+            if _widths(ref) != _widths(module):
+                out[name] = _widths(module)
+    return out
+
+
+def channels_in_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """{layer: [in, out]} read from a state dict's weight shapes where they differ from `model`'s.
+
+    Lets the trainer start from a pruned run's weights file with no manifest at hand.
+    """
+    out: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, _RESIZABLE):
+            continue
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if weight is None:
+            continue
+        if isinstance(module, nn.BatchNorm2d):
+            widths = [int(weight.shape[0])] * 2
+        elif isinstance(module, nn.Conv2d):
+            depthwise = module.groups == module.in_channels and module.groups > 1
+            c_out = int(weight.shape[0])
+            widths = [c_out if depthwise else int(weight.shape[1]), c_out]
+        else:
+            widths = [int(weight.shape[1]), int(weight.shape[0])]
+        if widths != _widths(module):
+            out[name] = widths
+    return out
+
+
+def architecture_fields(model: nn.Module, arch: str, attention: str | None = None) -> dict[str, Any]:
+    """What a manifest needs, beyond `arch`, for build_from_manifest to rebuild `model`."""
+    return {"attention": attention or None, "pruned_channels": pruned_channels(model, arch, attention) or None}
+
+
+def _num_outputs(model: nn.Module) -> int:
+    parent, attr = _head_slot_after_replace(model)
+    head = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+    return head[1].out_features

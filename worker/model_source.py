@@ -57,7 +57,7 @@ def current_artifact(settings: Settings, connection: Redis | None, version: str 
         )
     try:
         return registry.fetch(version, settings.model_cache, device=resolve_device(settings.device).split(":")[0],
-                              trusted_keys=settings.model_pubkeys)
+                              trusted_keys=settings.model_pubkeys, backend=settings.backend)
     except RegistryError as exc:
         raise NoModelError(str(exc)) from exc
 
@@ -65,11 +65,11 @@ def current_artifact(settings: Settings, connection: Redis | None, version: str 
 def _load_one(settings: Settings, connection: Redis | None, version: str | None) -> InferenceEngine:
     device = resolve_device(settings.device)
     path = current_artifact(settings, connection, version)
-    serving = load_for_serving(path, device=device, precision=settings.precision)
+    serving = load_for_serving(path, device=device, precision=settings.precision, backend=settings.backend)
     engine = InferenceEngine(serving, device=device, decode_threads=settings.decode_threads,
                              topk=settings.topk, max_batch=settings.max_batch,
                              decode_device=resolve_decode_device(settings.decode_device, device),
-                             compile_mode=settings.compile)
+                             compile_mode=settings.compile, tta=settings.tta)
     engine.warm_up()
     log.info("model loaded", version=engine.version, arch=serving.manifest["arch"], precision=engine.precision,
              device=device, decode_device=engine.decode_device, compile=engine.compile_mode, path=str(path),

@@ -1,9 +1,10 @@
 """int8 post-training quantization behind one small interface.
 
 A backend turns a float model into an *observed* model (calibrate it by running batches
-through it), saves the observers' state, and rebuilds the int8 model from the float
-architecture plus that state. The artifact stores the observed state in safetensors, so
-serving never unpickles a model: the worker re-traces the architecture and reloads tensors.
+through it) and converts that to int8. The artifact stores the converted model's int8 weights,
+scales and zero points in safetensors (`int8_tensors`; artifacts written before kept the observers'
+state, float-sized, and still load through `rebuild_int8`), so serving never unpickles a model: the
+worker re-traces the architecture and reloads tensors (`load_int8_tensors`).
 
 Backends:
 - `fx-x86`: torch.ao.quantization FX graph mode with the x86 qconfig (deprecated in torch 2.x
@@ -55,8 +56,12 @@ too noisy to use) stays on FX.
 
 from __future__ import annotations
 
+import collections
+import json
+import statistics
+import time
 import warnings
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -204,7 +209,11 @@ def rebuild_int8(
     backend_name: str, float_model: nn.Module, example: torch.Tensor, state: dict[str, torch.Tensor]
 ) -> nn.Module:
     """Re-trace `float_model`, load the saved observer state (strictly) and convert to int8."""
-    backend = get_backend(backend_name)
+    return _convert_state(get_backend(backend_name), float_model, example, state)
+
+
+def _convert_state(backend: Int8Backend, float_model: nn.Module, example: torch.Tensor,
+                   state: dict[str, torch.Tensor]) -> nn.Module:
     observed = backend.prepare(float_model, example)
     try:
         observed.load_state_dict(state, strict=True)
@@ -213,15 +222,210 @@ def rebuild_int8(
     return backend.convert(observed)
 
 
+# -- int8 weights in safetensors (issue 11 item 4) ---------------------------------------------------
+# An observed model's state is the float size (float weights plus observers). The converted model's
+# state is int8 weights plus scales, zero points and float biases: about a quarter. Quantized tensors
+# and FX's packed Linear params (a tuple, plus a torch.dtype) are not safetensors-able, so they are
+# flattened into plain tensors and a JSON spec kept in the file's metadata. PT2E bakes activation
+# qparams into its graph as literal arguments of quantize/dequantize calls (not in the state dict), so
+# those literals are saved in graph order too. To rebuild, the float architecture is prepared,
+# calibrated on a dummy batch and converted (the same graph, wrong numbers), then every number is
+# overwritten from the file: the state dict (every live key checked) plus the graph literals.
+_SPEC_KEY = "visionqueue.int8.spec"
+
+
+def time_interleaved(models: dict[str, Any], x: torch.Tensor, rounds: int,
+                     seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each model on `x`, measured in interleaved rounds (a noisy machine
+    slows every model alike), and each model's first call (PT2E compiles the batch size there)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    first: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(x)
+            first[name] = time.perf_counter() - t0
+            model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                n, t0 = 0, time.perf_counter()
+                while n == 0 or time.perf_counter() - t0 < seconds:
+                    model(x)
+                    n += 1
+                times[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(ts) for name, ts in times.items()}, first
+
+
+def _uncompiled(backend_name: str) -> Int8Backend:
+    # the reference graph (before torch.compile) is the one whose state and literals are saved and loaded
+    backend = get_backend(backend_name)
+    return Pt2eX86Backend(compile=False) if isinstance(backend, Pt2eX86Backend) else backend
+
+
+def _graph_of(model: nn.Module) -> torch.fx.GraphModule | None:
+    graph = model.graph if isinstance(model, CompiledInt8) else model
+    return graph if isinstance(graph, torch.fx.GraphModule) else None
+
+
+def _qparam_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)]
+
+
+def _graph_literals(gm: torch.fx.GraphModule) -> list[list[float | int]]:
+    """The scalar (scale, zero point, quant min/max) arguments of each quantize/dequantize call, in order."""
+    return [[a for a in n.args if isinstance(a, int | float) and not isinstance(a, bool)] for n in _qparam_nodes(gm)]
+
+
+def _set_graph_literals(gm: torch.fx.GraphModule, literals: list[list[float | int]]) -> None:
+    nodes = _qparam_nodes(gm)
+    if len(nodes) != len(literals):
+        raise QuantizationError(f"int8 graph has {len(nodes)} quantize calls; the file has {len(literals)}")
+    for node, values in zip(nodes, literals, strict=True):
+        slots = [i for i, a in enumerate(node.args) if isinstance(a, int | float) and not isinstance(a, bool)]
+        if len(slots) != len(values):
+            raise QuantizationError(f"int8 graph node {node.name} does not match the file's literals")
+        args = list(node.args)
+        for i, v in zip(slots, values, strict=True):
+            args[i] = type(args[i])(v)
+        node.args = tuple(args)
+    gm.recompile()
+
+
+def _live_keys(model: nn.Module, state: dict[str, object] | None = None) -> set[str]:
+    """State entries the graph uses. PT2E keeps the float weights as dead attributes after folding the
+    int8 ones into constants (the float size again): those are neither saved nor loaded."""
+    gm = _graph_of(model)
+    keys = list(state if state is not None else model.state_dict())
+    if gm is None:
+        return set(keys)
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    modules = tuple(str(n.target) + "." for n in gm.graph.nodes if n.op == "call_module")
+    return {k for k in keys if k in attrs or k.startswith(modules)}
+
+
+def _encode(name: str, value: object, out: dict[str, torch.Tensor]) -> dict:
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        out[name + ".int"] = value.int_repr().contiguous()
+        spec: dict = {"t": "q", "dtype": str(value.dtype).removeprefix("torch."), "qscheme": str(value.qscheme())}
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            out[name + ".scales"] = value.q_per_channel_scales().detach().clone().contiguous()
+            out[name + ".zero_points"] = value.q_per_channel_zero_points().detach().clone().contiguous()
+            spec["axis"] = int(value.q_per_channel_axis())
+        else:
+            spec.update(scale=float(value.q_scale()), zero_point=int(value.q_zero_point()))
+        return spec
+    if isinstance(value, torch.Tensor):
+        out[name] = value.detach().clone().contiguous()  # clone: safetensors refuses shared storage
+        return {"t": "t"}
+    if isinstance(value, torch.dtype):
+        return {"t": "dtype", "v": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple | list):
+        return {"t": "tuple", "items": [_encode(f"{name}.{i}", v, out) for i, v in enumerate(value)]}
+    if value is None:
+        return {"t": "none"}
+    raise QuantizationError(f"int8 state entry {name} is a {type(value).__name__}, which cannot be stored")
+
+
+def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> object:
+    kind = spec.get("t")
+    if kind == "t":
+        return tensors[name]
+    if kind == "none":
+        return None
+    if kind == "dtype":
+        dtype = getattr(torch, str(spec["v"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise QuantizationError(f"int8 state entry {name}: unknown dtype {str(spec['v'])[:20]!r}")
+        return dtype
+    if kind == "tuple":
+        return tuple(_decode(f"{name}.{i}", s, tensors) for i, s in enumerate(spec["items"]))
+    if kind == "q":
+        dtype = getattr(torch, str(spec["dtype"]), None)
+        if dtype not in (torch.qint8, torch.quint8, torch.qint32):
+            raise QuantizationError(f"int8 state entry {name}: unknown quantized dtype {str(spec['dtype'])[:20]!r}")
+        ints = tensors[name + ".int"]  # its dtype (int8, uint8, int32) picks the quantized dtype
+        if "axis" in spec:
+            q = torch._make_per_channel_quantized_tensor(
+                ints, tensors[name + ".scales"], tensors[name + ".zero_points"], int(spec["axis"]))
+        else:
+            q = torch._make_per_tensor_quantized_tensor(ints, float(spec["scale"]), int(spec["zero_point"]))
+        if q.dtype != dtype:
+            raise QuantizationError(f"int8 state entry {name}: stored as {ints.dtype}, spec says {dtype}")
+        return q
+    raise QuantizationError(f"int8 state entry {name} has an unknown kind {str(kind)[:20]!r}")
+
+
+def int8_tensors(converted: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A converted int8 model as (plain tensors, safetensors metadata): what `save_file` takes."""
+    gm = _graph_of(converted)
+    source = gm if gm is not None else converted
+    tensors: dict[str, torch.Tensor] = {}
+    source_state = source.state_dict()
+    live = _live_keys(source, source_state)
+    spec = {"state": {k: _encode(k, v, tensors) for k, v in source_state.items() if k in live},
+            "graph_literals": _graph_literals(gm) if gm is not None else []}
+    return tensors, {_SPEC_KEY: json.dumps(spec)}
+
+
+def load_int8_tensors(
+    backend_name: str, float_model: nn.Module, example: torch.Tensor,
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None,
+) -> nn.Module:
+    """Rebuild the int8 model from `int8_tensors` output: dummy-calibrated graph, then every number loaded."""
+    try:
+        spec = json.loads((metadata or {})[_SPEC_KEY])
+        state = {k: _decode(k, s, tensors) for k, s in spec["state"].items()}
+        literals = spec["graph_literals"]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for row in literals for v in row):
+            raise ValueError("graph literals must be numbers")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise QuantizationError(f"int8 weights file is malformed: {exc!r}"[:300]) from exc
+    backend = _uncompiled(backend_name)
+    observed = backend.prepare(float_model, example)
+    # dummy calibration: gives every observer a value so convert builds the graph. Noise, not zeros:
+    # on an all-zero histogram the x86 activation observer's parameter search takes ~3x longer (0.85 s
+    # vs 0.3 s of convert for resnet18 @96). Own generator: the caller's random stream is left alone.
+    noise = torch.randn(tuple(example.shape), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        observed(noise)
+    converted = backend.convert(observed)
+    # quantized modules read their layout version from the state dict's _metadata (without it nnq.Linear
+    # takes the legacy path); the freshly converted graph's own metadata is the right one
+    fresh_state = converted.state_dict()  # once: on FX it unpacks every quantized weight
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(fresh_state, "_metadata", None)  # type: ignore[attr-defined]
+    live = _live_keys(converted, fresh_state)
+    if set(state) != live:
+        missing, extra = sorted(live - set(state))[:5], sorted(set(state) - live)[:5]
+        raise QuantizationError(f"int8 weights do not match the architecture: missing {missing}, unexpected {extra}")
+    try:
+        # not strict only for the dead float attributes (see _live_keys); every live entry is checked above
+        converted.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise QuantizationError(f"int8 weights do not match the architecture: {exc}") from exc
+    gm = _graph_of(converted)
+    if gm is not None:
+        _set_graph_literals(gm, literals)
+    elif literals:
+        raise QuantizationError("int8 weights carry graph literals but the rebuilt model has no graph")
+    if isinstance(get_backend(backend_name), Pt2eX86Backend) and get_backend(backend_name).compile:
+        return CompiledInt8(converted)
+    return converted
+
+
+def convert_observed_state(
+    backend_name: str, float_model: nn.Module, example: torch.Tensor, state: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The uncompiled int8 model from an observed state (what `int8_tensors` stores)."""
+    return _convert_state(_uncompiled(backend_name), float_model, example, state)
+
+
 # -- measurement: `python -m worker.quant --compare` ---------------------------------------------------
 def compare(arch: str, sizes: list[int], batches: list[int], threads: int, seconds: float, rounds: int) -> list[dict]:
     """images/s of fx-x86 and pt2e-x86 on the same random-init model, interleaved rounds, median.
 
     Speed does not depend on the weights; the input is channels_last float, as the runtime feeds it.
     """
-    import statistics
-    import time
-
     from .model import build_model
 
     torch.set_num_threads(threads)
@@ -239,22 +443,8 @@ def compare(arch: str, sizes: list[int], batches: list[int], threads: int, secon
             models[name] = backend.convert(observed).eval()
         for batch in batches:
             x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-            times: dict[str, list[float]] = {name: [] for name in models}
-            compile_s = {}
-            with torch.inference_mode():
-                for name, model in models.items():
-                    t0 = time.perf_counter()
-                    model(x)
-                    compile_s[name] = time.perf_counter() - t0
-                    model(x)
-                for _ in range(rounds):
-                    for name, model in models.items():
-                        n, t0 = 0, time.perf_counter()
-                        while n == 0 or time.perf_counter() - t0 < seconds:
-                            model(x)
-                            n += 1
-                        times[name].append((time.perf_counter() - t0) / n)
-            row = {"size": size, "batch": batch, **{name: batch / statistics.median(ts) for name, ts in times.items()},
+            per_call, compile_s = time_interleaved(models, x, rounds, seconds)
+            row = {"size": size, "batch": batch, **{name: batch / t for name, t in per_call.items()},
                    "first_call_s": compile_s}
             rows.append(row)
             print(f"{arch} @{size:<4} batch {batch:<4} fx-x86 {row['fx-x86']:9.1f}  pt2e-x86 {row['pt2e-x86']:9.1f}"

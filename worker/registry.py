@@ -314,7 +314,7 @@ class ModelRegistry:
         return verify_manifest(self.manifest(version), self.signature(version), trusted_keys)
 
     def fetch(self, version: str, dest: Path | str, device: str = "cpu", include_float: bool = False,
-              trusted_keys: Sequence[str] | None = None) -> Path:
+              trusted_keys: Sequence[str] | None = None, backend: str = "torch") -> Path:
         """Write what `device` serves (plus the float weights if asked) under dest/<version>, verified.
 
         With trusted keys (default: $VQ_MODEL_PUBKEY, so the updater checks the model it fine-tunes
@@ -328,7 +328,7 @@ class ModelRegistry:
         signature = self.signature(version)
         if trusted_keys:
             verify_manifest(manifest, signature, trusted_keys)
-        names = serving_files(manifest, device)
+        names = serving_files(manifest, device, backend)  # VQ_BACKEND=onnxruntime fetches model.onnx only
         if include_float and FLOAT_FILE not in names:
             names = [*names, FLOAT_FILE]
         Path(dest).mkdir(parents=True, exist_ok=True)

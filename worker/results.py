@@ -18,9 +18,12 @@ def build_result(
     decode_ms: float,
     inference_ms: float,
     batch_size: int,
+    tta: str | None = None,
 ) -> dict[str, Any]:
+    """`tta`: the test-time augmentation used; None takes the prediction's own (`Prediction.tta`), "off"
+    when it has none, so a caller that passes no engine details still records what was served."""
     done_at = time.time()
-    return {
+    result = {
         "frame_id": frame["id"],
         "station": frame["station"],
         "seq": frame["seq"],
@@ -30,6 +33,7 @@ def build_result(
         "topk": prediction.topk,
         "model_version": model_version,
         "precision": precision,
+        "tta": tta if tta is not None else getattr(prediction, "tta", "off"),
         "worker": worker,
         "timings": {
             "queue_wait_ms": round(queue_wait_ms, 3),
@@ -41,6 +45,11 @@ def build_result(
         "ts": frame["ts"],
         "done_at": done_at,
     }
+    # only models with an operating threshold in their manifest decide defect / no defect
+    if getattr(prediction, "defect", None) is not None:
+        result["defect"] = bool(prediction.defect)
+        result["defect_threshold"] = prediction.defect_threshold
+    return result
 
 
 def stream_fields(result: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 import torch
 
-from .artifact import ServingModel
+from .artifact import ArtifactError, ServingModel
 from .device_batch import DeviceBatcher
 from .frames import FrameError
 from .gpu_decode import DeviceDecodePool, JpegBatchDecoder, TorchvisionJpegDecoder
@@ -32,6 +32,7 @@ log = structlog.get_logger("visionqueue.runtime")
 
 PAD_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COMPILE_MODES = ("off", "reduce-overhead", "max-autotune")
+TTA_MODES = ("off", "hflip")
 
 
 def resolve_device(device: str) -> str:
@@ -73,6 +74,28 @@ class Prediction:
     confidence: float
     topk: list[dict[str, float | str]]
     probs: np.ndarray
+    tta: str = "off"  # the test-time augmentation these probabilities average over
+    # the manifest's operating decision: 1 - P(good class) >= defect_threshold; None without a threshold
+    defect: bool | None = None
+    defect_threshold: float | None = None
+
+
+def defect_rule(manifest: dict[str, Any], class_names: list[str]) -> tuple[int, float] | None:
+    """(good class index, threshold) from the manifest's `operating_threshold`, None when it has none.
+
+    A threshold that is present but malformed refuses the artifact (ArtifactError) rather than
+    silently serving without defect decisions: the line relies on them."""
+    chosen = manifest.get("operating_threshold")
+    if chosen is None:
+        return None
+    if not isinstance(chosen, dict):
+        raise ArtifactError("operating_threshold must be an object")
+    t, good = chosen.get("threshold"), chosen.get("good_class")
+    if not (isinstance(t, int | float) and not isinstance(t, bool) and 0.0 <= float(t) <= 1.0):
+        raise ArtifactError("operating_threshold.threshold must be a number in [0, 1]")
+    if good not in class_names:
+        raise ArtifactError(f"operating_threshold.good_class {str(good)[:40]!r} is not one of the model's classes")
+    return class_names.index(good), float(t)
 
 
 class InferenceEngine:
@@ -80,10 +103,14 @@ class InferenceEngine:
 
     def __init__(self, serving: ServingModel, device: str = "cpu", decode_threads: int = 2, topk: int = 3,
                  max_batch: int = 32, decode_device: str = "cpu", compile_mode: str = "off",
-                 jpeg_decoder: JpegBatchDecoder | None = None) -> None:
+                 jpeg_decoder: JpegBatchDecoder | None = None, tta: str = "off") -> None:
         """`decode_device` (resolved: `cpu` or a cuda device) picks nvJPEG for JPEGs; `jpeg_decoder`
         overrides the device decoder (tests run torchvision's batched decode on the CPU through it).
-        `compile_mode` applies to float models; an int8 model keeps its backend's own compilation."""
+        `compile_mode` applies to float models; an int8 model keeps its backend's own compilation.
+        `tta="hflip"` averages each frame's calibrated probabilities with its mirror's (VQ_TTA)."""
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown TTA mode {tta!r}; one of {', '.join(TTA_MODES)}")
+        self.tta = tta
         self.serving = serving
         self.device = device
         self.manifest = serving.manifest
@@ -92,6 +119,7 @@ class InferenceEngine:
         self.mean = self.manifest["normalization"]["mean"]
         self.std = self.manifest["normalization"]["std"]
         self.temperature = float(self.manifest.get("temperature", 1.0))
+        self.defect_rule = defect_rule(self.manifest, self.class_names)
         self.topk = min(topk, len(self.class_names))
         self.max_batch = max_batch
         self.pad_sizes = [s for s in PAD_SIZES if s < max_batch] + [max_batch]
@@ -168,7 +196,20 @@ class InferenceEngine:
             with self._autocast():
                 logits = self.model(batch)[:n]
             probs = torch.softmax(logits.float() / self.temperature, dim=1)
+            if self.tta == "hflip":
+                probs = (probs + self._mirrored(batch, n)) / 2
             return self._batcher.to_host(probs)
+
+    def _mirrored(self, batch: torch.Tensor, n: int) -> torch.Tensor:
+        """Calibrated probabilities of the mirrored frames. The flip is of the already-normalised batch
+        on the device (no second decode or upload); it runs at the batch's own padded shape, so a
+        shape-specialised graph (int8 PT2E, torch.compile) is reused rather than recompiled."""
+        flipped = batch.flip(-1).contiguous(memory_format=torch.channels_last)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the first replay's output is already copied out
+        with self._autocast():
+            logits = self.model(flipped)[:n]
+        return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         out = []
@@ -176,7 +217,12 @@ class InferenceEngine:
         for row, idx in zip(probs, order, strict=True):
             top = [{"label": self.class_names[i], "confidence": round(float(row[i]), 6)} for i in idx]
             best = int(idx[0])
-            out.append(Prediction(best, self.class_names[best], float(row[best]), top, row))
+            pred = Prediction(best, self.class_names[best], float(row[best]), top, row, self.tta)
+            if self.defect_rule is not None:
+                good, threshold = self.defect_rule
+                # the label stays the top-1 class; the defect decision is the line's, at its threshold
+                pred.defect, pred.defect_threshold = bool(1.0 - float(row[good]) >= threshold), threshold
+            out.append(pred)
         return out
 
     def warm_up(self) -> float:

@@ -53,6 +53,9 @@ log = structlog.get_logger("visionqueue.samples")
 
 SAMPLES_STREAM = "continual:samples"
 SAMPLES_COUNTS = "vq:samples:counts"  # fleet-wide hash: offered, added, dropped_full, ingested, deleted, bad, …
+BOOST_KEY = "vq:samples:boost"  # station -> "factor:until" (continual.drift --nudge writes it)
+BOOST_READ_S = 10.0
+MAX_BOOST = 20.0
 STRATEGIES = ROWS["VQ_SAMPLE_STRATEGY"].choices
 
 
@@ -152,8 +155,15 @@ class SampleFeed:
         self._rng = random.Random()
         self._minute = 0
         self._offered = 0
+        # Stations continual.drift asked for more of (`vq:samples:boost`): {station: quota factor}.
+        self._boosts: dict[str, float] = {}
+        self._boosts_read_at = 0.0
 
     def start(self) -> None:
+        try:
+            self._read_boosts()  # a worker started during a drift alarm captures more at once
+        except Exception as exc:
+            log.info("sample capture boosts not read yet", error=f"{type(exc).__name__}: {exc}")
         self._thread.start()
 
     def stop(self) -> None:
@@ -174,7 +184,7 @@ class SampleFeed:
         minute = int(time.time() // 60)
         if minute != self._minute:
             self._minute, self._offered = minute, 0
-        if self._offered >= cfg.per_minute:
+        if self._offered >= cfg.per_minute * self._boosts.get(frame["station"], 1.0):
             # The fleet-wide quota can never grant one worker more than this: skip the hashing
             # and the Redis round trip (a drifted model makes nearly every frame a candidate).
             self.metrics.samples.labels(outcome="over_quota").inc()
@@ -227,8 +237,26 @@ class SampleFeed:
         else:
             self.health.succeeded()
 
+    def _read_boosts(self) -> None:
+        """At most every BOOST_READ_S: the drift monitor's per-station capture boosts that have not run out."""
+        if time.monotonic() - self._boosts_read_at < BOOST_READ_S:
+            return
+        self._boosts_read_at = time.monotonic()
+        boosts, now = {}, time.time()
+        for station, value in self.conn.hgetall(BOOST_KEY).items():
+            try:
+                factor, until = (float(x) for x in value.decode().split(":", 1))
+            except (UnicodeDecodeError, ValueError):
+                continue  # not ours to trust: a malformed entry boosts nothing
+            if until > now and 1.0 < factor <= MAX_BOOST:
+                boosts[station.decode(errors="replace")] = factor
+        if boosts.keys() != self._boosts.keys():
+            log.info("sample capture boosted for drifting stations", stations=sorted(boosts))
+        self._boosts = boosts
+
     def _capture(self, batch: list[Candidate]) -> None:
         cfg = self.config
+        self._read_boosts()
         hashes = [dhash(c.image) for c in batch]
         counts = {"offered": len(batch), "duplicate": 0, "over_quota": 0}
         stations = sorted({c.frame["station"] for c in batch})
@@ -246,6 +274,7 @@ class SampleFeed:
             seen.insert(0, h)
             keep.append((cand, h))
         granted = self._reserve_quota([c.label for c, _ in keep]) if keep else []
+        granted = self._boosted([c.frame["station"] for c, _ in keep], granted)
         now = time.time()
         script_replies: list[int] = []  # where each XADD script's reply lands in the pipeline's replies
         with self.conn.pipeline(transaction=False) as pipe:
@@ -300,6 +329,23 @@ class SampleFeed:
         per = len(limits)
         return [all(c <= lim for c, lim in zip(counts[i * per:(i + 1) * per], limits, strict=True))
                 for i in range(len(labels))]
+
+    def _boosted(self, stations: list[str], granted: list[bool]) -> list[bool]:
+        """A boosted station's sample the fleet quota refused may use the station's own extra minute quota."""
+        refused = [i for i, (s, ok) in enumerate(zip(stations, granted, strict=True)) if not ok and s in self._boosts]
+        if not refused:
+            return granted
+        minute = int(time.time()) // 60
+        with self.conn.pipeline(transaction=False) as pipe:
+            for i in refused:
+                key = f"vq:samples:quota:boost:{stations[i]}:{minute}"
+                pipe.incr(key)
+                pipe.expire(key, 120)
+            counts = pipe.execute()[::2]
+        out = list(granted)
+        for i, n in zip(refused, counts, strict=True):
+            out[i] = n <= self.config.per_minute * (self._boosts[stations[i]] - 1.0)
+        return out
 
     @staticmethod
     def _fields(cand: Candidate, now: float) -> dict[str, Any]:

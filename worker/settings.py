@@ -88,6 +88,10 @@ def _rows() -> tuple[Row, ...]:
         Row(W, "precision", "VQ_PRECISION", "choice", "auto",
             "`auto`: int8 on CPU when the artifact has it, fp16 autocast on CUDA",
             choices=("auto", "int8", "fp32", "fp16", "bf16")),
+        Row(W, "backend", "VQ_BACKEND", "choice", "torch",
+            "what runs the model: `torch` (int8 FX/PT2E on CPU, autocast on CUDA) or `onnxruntime` (the "
+            "artifact's model.onnx from `python -m trainer.export --into-artifact`, CPU; needs the `export` extra)",
+            choices=("torch", "onnxruntime")),
         Row(W, "max_batch", "VQ_MAX_BATCH", "int", 32, "most frames in one forward pass", 1, 1024),
         Row(W, "max_wait_ms", "VQ_MAX_WAIT_MS", "float", 5.0,
             "longest wait for more frames while fewer than `VQ_MAX_BATCH` are ready", 0.0, 10_000.0),
@@ -105,6 +109,10 @@ def _rows() -> tuple[Row, ...]:
             "(`reduce-overhead`: CUDA graphs); int8 models keep their backend's own",
             choices=("off", "reduce-overhead", "max-autotune")),
         Row(W, "topk", "VQ_TOPK", "int", 3, "classes reported per frame", 1, 100),
+        Row(W, "tta", "VQ_TTA", "choice", "off",
+            "test-time augmentation: `hflip` also classifies each frame mirrored in the same batch and averages "
+            "the calibrated probabilities (results say `tta`; see the Training section for its cost)",
+            choices=("off", "hflip")),
         Row(W, "heartbeat_ttl", "VQ_HEARTBEAT_TTL", "int", 10,
             "seconds a claimed frame survives its worker's death before it is re-run", 3, 3600),
         Row(W, "worker_ttl", "VQ_WORKER_TTL", "int", 30, "seconds the worker's own registration lives", 16, 3600),
@@ -380,6 +388,7 @@ class Settings:
     model_cache: Path = _MODEL_CACHE
     device: str = ROWS["VQ_DEVICE"].default
     precision: str = ROWS["VQ_PRECISION"].default
+    backend: str = ROWS["VQ_BACKEND"].default
     max_batch: int = ROWS["VQ_MAX_BATCH"].default
     max_wait_ms: float = ROWS["VQ_MAX_WAIT_MS"].default
     decode_threads: int = ROWS["VQ_DECODE_THREADS"].default
@@ -388,6 +397,7 @@ class Settings:
     decode_device: str = ROWS["VQ_DECODE_DEVICE"].default
     compile: str = ROWS["VQ_COMPILE"].default
     topk: int = ROWS["VQ_TOPK"].default
+    tta: str = ROWS["VQ_TTA"].default
     heartbeat_ttl: int = ROWS["VQ_HEARTBEAT_TTL"].default
     worker_ttl: int = ROWS["VQ_WORKER_TTL"].default
     maintenance_interval: int = ROWS["VQ_MAINTENANCE_INTERVAL"].default

@@ -9,6 +9,7 @@ request's deadline, so a thousand waiting clients hold no threads.
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
 # and some name aliases local to the router factory.
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from redis.exceptions import RedisError
@@ -288,7 +289,56 @@ def _api_router(settings: _Settings, key: ApiKeys | None, default_timeout: float
             raise HTTPException(404, detail=f"no frame job {job_id!r} (never submitted, or forgotten after an hour)")
         return view
 
+    explain_model = _ExplainModel(service.connection)
+
+    @router.post(
+        "/explain", response_class=Response, summary="Grad-CAM of the current model on one image, as a PNG",
+        responses={**auth, **_UPLOAD_ERRORS,
+                   200: {"content": {"image/png": {}}, "description": "the image with the heatmap of the class the "
+                         "model predicts over it; `X-Model-Version` names the model"},
+                   501: {"model": ErrorBody, "description": "this gateway has no torch / grad-cam installed"}},
+    )
+    async def explain(request: Request, image: ImageField) -> Response:
+        data = await _read_upload(request, settings, image)
+        # Grad-CAM is a forward and a backward pass on the float model: a thread, never the event loop
+        png, version = await asyncio.to_thread(explain_model.png, data)
+        return Response(png, media_type="image/png", headers={"X-Model-Version": version})
+
     return router
+
+
+class _ExplainModel:
+    """The registry's current model as a Grad-CAM explainer (trainer.explain): fetched with its float
+    weights on first use and again when the current version changes. One explanation at a time: the
+    Grad-CAM hooks keep the last pass's activations on the object, so two threads would mix them."""
+
+    def __init__(self, connection: Redis) -> None:
+        self.connection = connection
+        self._lock = threading.Lock()
+        self._version: str | None = None
+        self._explainer: Any = None
+
+    def png(self, data: bytes) -> tuple[bytes, str]:
+        try:
+            from trainer.explain import Explainer
+        except ImportError as exc:  # a gateway-only install has no torch: say what is missing
+            raise HTTPException(501, detail=f"explain needs torch and grad-cam here (pip install "
+                                f"'visionqueue[train]'): {exc}") from exc
+        from worker.registry import ModelRegistry
+        from worker.settings import setting
+
+        with self._lock:
+            registry = ModelRegistry(self.connection)
+            version = registry.current()
+            if version is None:
+                raise HTTPException(503, detail="the registry has no current model to explain")
+            if version != self._version:
+                path = registry.fetch(version, setting("VQ_MODEL_CACHE"), include_float=True)
+                self._explainer, self._version = Explainer.from_artifact(path), version
+            try:
+                return self._explainer.overlay_png(data), version
+            except FrameError as exc:
+                raise HTTPException(422, detail=str(exc)) from exc
 
 
 def _key_dependency(key: ApiKeys | None) -> Any:
@@ -319,14 +369,8 @@ async def _accept(request: Request, settings: _Settings, image: UploadFile, stat
         if home != settings.shard:
             raise HTTPException(421, detail=f"station {station!r} belongs to shard {home}; this gateway serves "
                                             f"shard {settings.shard} (python -m worker.shards which STATION)")
-    data = await image.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        size = image.size if image.size is not None else len(data)
-        raise HTTPException(413, detail=too_large(size, settings.max_upload_bytes, "image") + " (VQ_MAX_IMAGE_BYTES)")
+    data = await _read_upload(request, settings, image)
     reservation: Reservation | None = getattr(request.state, "reservation", None)
-    if reservation is not None:
-        reservation.settle(len(data))  # the form's overhead and a chunked body's guess given back
-    _check_image(data, settings.max_pixels)
     try:
         frame = settings.service.build_frame(data, station, deadline_s)
     except FrameError as exc:
@@ -339,6 +383,19 @@ async def _accept(request: Request, settings: _Settings, image: UploadFile, stat
         settings.budget.track(job_id, reservation)
     request.state.job_id = job_id
     return job_id
+
+
+async def _read_upload(request: Request, settings: _Settings, image: UploadFile) -> bytes:
+    """The upload's bytes, within the size limit and checked as the worker would: 413/415/422 otherwise."""
+    data = await image.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        size = image.size if image.size is not None else len(data)
+        raise HTTPException(413, detail=too_large(size, settings.max_upload_bytes, "image") + " (VQ_MAX_IMAGE_BYTES)")
+    reservation: Reservation | None = getattr(request.state, "reservation", None)
+    if reservation is not None:
+        reservation.settle(len(data))  # the form's overhead and a chunked body's guess given back
+    _check_image(data, settings.max_pixels)
+    return data
 
 
 def _check_image(data: bytes, max_pixels: int) -> None:

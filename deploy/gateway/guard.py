@@ -34,7 +34,7 @@ log = structlog.get_logger("visionqueue.gateway")
 
 UNAUTHORIZED = "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
 CLASSIFY_PATH = "/v1/classify"
-UPLOAD_PATHS = frozenset({CLASSIFY_PATH, "/v1/jobs"})
+UPLOAD_PATHS = frozenset({CLASSIFY_PATH, "/v1/jobs", "/v1/explain"})  # rate limit + byte budget
 TIMEOUT_MARGIN_S = 5.0  # past the body and request timeouts, before the guard itself gives up
 
 

@@ -289,7 +289,11 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
         if args.label_doubt:
             from .doubt import doubt_new_labels
 
-            doubt = doubt_new_labels(store, current, manifest, run.name, args.doubt_folds, args.seed)
+            try:
+                doubt = doubt_new_labels(store, current, manifest, run.name, args.doubt_folds, args.seed)
+            except ImportError as exc:  # an install without the train extra's cleanlab: update anyway, say so
+                log.warning("label doubt skipped: pip install 'visionqueue[train]' for cleanlab", error=str(exc))
+                doubt = {"enabled": False, "skipped": f"{type(exc).__name__}: {exc}"}
         data = build_update_data(run, store, manifest["class_names"], args.base_split, args.replay, args.seed)
         log.info("update data", current=version, new_classes=data.new_classes, **data.counts)
         candidate = fine_tune(args, run, current, manifest, data)
@@ -437,7 +441,8 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
 
 def _doubt_lines(doubt: dict[str, Any]) -> list[str]:
     if not doubt.get("enabled"):
-        return ["## Label doubt", "", "off (--no-label-doubt)", ""]
+        why = f"skipped: {doubt['skipped']}" if doubt.get("skipped") else "off (--no-label-doubt)"
+        return ["## Label doubt", "", why, ""]
     lines = ["## Label doubt", "",
              f"{doubt['flagged']} of {doubt['checked']} new labels doubted ({doubt['judged']} judged; classes with "
              f"too few labels to judge: {doubt['skipped_classes'] or 'none'}); {doubt['held_out']} held out of "

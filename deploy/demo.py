@@ -248,12 +248,35 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
             "failures (the worker's reason)": "; ".join(sorted(set(monitor.failures.values())))[:300] or "none",
         },
     }
+    facts["gradcam"] = _gradcam_page(conn_url=url, versions=[v for v in (v1, v2) if v],
+                                      images=[p for p, truth in labelled_images(work / f"eval-{DRIFT}")
+                                              if truth != "ok"][:6],
+                                      out=out / f"gradcam_{DRIFT}.png", cache=work / "explain")
     summary = write_report(monitor, out, facts)
     say("figures:")
     for k, v in facts["figures"].items():
         say(f"  {k}: {v}")
     say(f"wrote {summary} and plots in {out}/; stopped every process the demo started")
     return 0 if lost == 0 else 1
+
+
+def _gradcam_page(conn_url: str, versions: list[str], images: list[Path], out: Path, cache: Path) -> str | None:
+    """What each model looked at on a few defective night frames it never trained on: one row per version."""
+    try:
+        import numpy as np
+
+        from trainer.explain import Explainer, grid, write_png
+
+        registry = ModelRegistry(Redis.from_url(conn_url))
+        rows = []
+        for version in dict.fromkeys(versions):
+            explainer = Explainer.from_artifact(registry.fetch(version, cache / version, include_float=True))
+            rows.append(grid([explainer.overlay(p.read_bytes()) for p in images], cols=len(images)))
+        write_png(np.concatenate(rows), out)
+        return out.name
+    except Exception as exc:  # a picture for the summary: never worth failing the demo over
+        say(f"Grad-CAM page skipped: {type(exc).__name__}: {exc}")
+        return None
 
 
 def _alarm_text(monitor: Monitor, drift_start: float) -> str:

@@ -254,6 +254,10 @@ def write_report(monitor: Monitor, out: Path, facts: dict[str, Any]) -> Path:
               f"- `confusion_{drift}_before.png`, `confusion_{drift}_after.png`: the drifted frames, before and "
               "after the update", "", "The reviewer in this demo is a **simulated reviewer**: it labels captured "
               "frames from the synthetic ground truth the simulated cameras attach to each frame.", ""]
+    if facts.get("gradcam"):
+        lines += ["## What the models looked at", "", "Grad-CAM (`trainer.explain`) on defective night frames no model "
+                  "trained on: the first row is the initial model, the second the updated one; each caption is the "
+                  "predicted class and its probability.", "", f"![Grad-CAM]({facts['gradcam']})", ""]
     if facts.get("update_report"):
         lines += ["## The update's own report", "", Path(facts["update_report"]).read_text(), ""]
     (out / "summary.md").write_text("\n".join(lines))

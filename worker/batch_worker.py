@@ -124,6 +124,7 @@ class BatchWorker(SimpleWorker):
         self._give_up = threading.Event()
         self._fatal: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._drift_refused = False
 
     # -- riding through Redis faults ----------------------------------------------------------
     def _redis(self, fn: Callable[[], T]) -> T:
@@ -449,7 +450,7 @@ class BatchWorker(SimpleWorker):
                 with self.metrics.stage("record"):
                     self.health.call(lambda b=batch: self._finish(b), stop=self._give_up)
                 if batch.drift:
-                    self._quietly(lambda b=batch: self._write_drift(b))  # a statistic: skipped while Redis is away
+                    self._write_drift(batch)
             except RedisOutageError as exc:
                 self._fail_fatally(exc)
             except Exception:
@@ -496,10 +497,20 @@ class BatchWorker(SimpleWorker):
                   **recorded)
 
     def _write_drift(self, batch: Batch) -> None:
-        with self.connection.pipeline(transaction=False) as pipe:
-            assert batch.drift is not None
-            batch.drift.write(pipe)
-            pipe.execute()
+        """A statistic: skipped while Redis is away, and never a reason to doubt the batch's record."""
+        def write() -> None:
+            with self.connection.pipeline(transaction=False) as pipe:
+                assert batch.drift is not None
+                batch.drift.write(pipe)
+                pipe.execute()
+
+        try:
+            self._quietly(write)
+        except Exception as exc:  # e.g. an ACL without vq:drift:*: say so once, keep serving
+            if not self._drift_refused:
+                self._drift_refused = True
+                log.error("drift histograms not written; continual.drift will see no frames from this worker",
+                          error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
     def _records(self, batch: Batch) -> list[rq.Record]:
         with self.metrics.stage("stream"):

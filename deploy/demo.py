@@ -224,6 +224,10 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
         while time.time() < deadline and monitor.lost():
             _watch(monitor, view, 0.5)
         monitor.phase = "done"
+        # While Redis (perhaps the embedded one) still runs: the models come from the registry.
+        gradcam = _gradcam_page(conn_url=url, versions=[v1, v2],
+                                images=[p for p, truth in labelled_images(work / f"eval-{DRIFT}") if truth != "ok"][:6],
+                                out=out / f"gradcam_{DRIFT}.png", cache=work / "explain")
 
     # 8. the report
     sent, done, lost = monitor.sent(), len({r.frame_id for r in monitor.rows}), len(monitor.lost())
@@ -248,10 +252,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None) 
             "failures (the worker's reason)": "; ".join(sorted(set(monitor.failures.values())))[:300] or "none",
         },
     }
-    facts["gradcam"] = _gradcam_page(conn_url=url, versions=[v for v in (v1, v2) if v],
-                                      images=[p for p, truth in labelled_images(work / f"eval-{DRIFT}")
-                                              if truth != "ok"][:6],
-                                      out=out / f"gradcam_{DRIFT}.png", cache=work / "explain")
+    facts["gradcam"] = gradcam
     summary = write_report(monitor, out, facts)
     say("figures:")
     for k, v in facts["figures"].items():
@@ -282,7 +283,7 @@ def _gradcam_page(conn_url: str, versions: list[str], images: list[Path], out: P
 def _alarm_text(monitor: Monitor, drift_start: float) -> str:
     before = [a for a in monitor.drift_alarms if a[0] < drift_start]
     after = [a for a in monitor.drift_alarms if a[0] >= drift_start]
-    text = (f"{after[0][1]} {after[0][0] - drift_start:.0f} s after the '{DRIFT}' shift began (psi {after[0][2]:.2f})"
+    text = (f"{after[0][1]} {after[0][0] - drift_start:.0f} s after the '{DRIFT}' shift began ({after[0][2]})"
             if after else "did not fire")
     return text + (f"; {len(before)} false alarm(s) before it" if before else "; none before it")
 

@@ -49,7 +49,7 @@ class Monitor:
         self.started = time.time()
         # Drift, as continual.drift sees it: nobody tells the monitor when the night shift starts.
         self.drift: dict[str, Any] = {}  # station -> the latest StationDrift
-        self.drift_alarms: list[tuple[float, str, float]] = []  # (time, station, psi) of each alarm raised
+        self.drift_alarms: list[tuple[float, str, str]] = []  # (time, station, what shifted) of each alarm raised
         self._drift_checked = 0.0
         self._manifests: dict[str, dict[str, Any]] = {}
 
@@ -77,7 +77,8 @@ class Monitor:
         for row in rows:
             self.drift[row.station] = row
             if row.alarm and row.station not in raised:
-                self.drift_alarms.append((time.time(), row.station, row.psi))
+                self.drift_alarms.append((time.time(), row.station,
+                                          f"confidence psi {row.psi:.2f}, class-mix psi {row.class_psi:.2f}"))
                 self.mark(f"drift alarm on {row.station} (continual.drift: psi {row.psi:.2f}, "
                           f"class mix psi {row.class_psi:.2f}, {row.frames} frames)")
 

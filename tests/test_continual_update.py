@@ -89,7 +89,7 @@ def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, caps
     # exit 2, a report naming why, the current model untouched, the labels still new. (A consistent
     # mislabelling of a drift the model can tell apart is learned, and a holdout with the same wrong
     # labels cannot catch it: that needs label doubt before training, not the gate.)
-    assert update_cli.main([*common, "--min-new-labels", "20", "--max-latency-ratio", "0.001"]) \
+    assert update_cli.main([*common, "--min-new-labels", "20", "--max-latency-ratio", "0.001", "--label-doubt"]) \
         == update_cli.EXIT_REJECTED
     out = capsys.readouterr().out
     assert '"verdict": "rejected"' in out

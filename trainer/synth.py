@@ -1,6 +1,6 @@
 """A synthetic but realistic metal-surface inspection set, deterministic by seed.
 
-    python -m trainer.synth --out DIR --n 2000 [--defect-rate 0.6] [--condition default] [--seed 0]
+    python -m trainer.synth [--out DIR] --n 2000 [--defect-rate 0.6] [--condition default] [--seed 0]
 
 Each image is a camera frame of a brushed metal plate (random size, tint, brushing direction,
 mounting holes, dust) lying at an angle on a varied background (belt, table, mesh, clutter),
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer.synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="output folder (ImageFolder layout)")
+    p.add_argument("--out", type=Path, default=Path("data/synth"),
+                   help="output folder (ImageFolder layout; default data/synth)")
     p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
     p.add_argument("--condition", default="default", choices=sorted(CONDITIONS), help="capture conditions")
     p.add_argument("--seed", type=int, default=0)

@@ -300,6 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RedisConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return exec_with_url(command, url)
+
+
+def exec_with_url(command: list[str], url: str) -> int:
+    """Replace this process with `command`, its environment gaining RQ_REDIS_URL=url (rq's own
+    variable: the password never shows on a command line). 127 when it cannot be run."""
     env = dict(os.environ)
     env[RQ_URL_ENV] = url
     program = command[0]

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from urllib.parse import urlsplit
 
 from redis import Redis
 
-from .redis_health import RQ_URL_ENV, RedisConfigError, mask_url, resolve_url
+from .redis_health import RedisConfigError, exec_with_url, mask_url, resolve_url
 from .settings import SettingsError, setting
 
 URLS_ENV = "REDIS_URLS"
@@ -194,14 +192,6 @@ def served_url(url: str | None = None, urls: Sequence[str] | str | ShardMap | No
     return shards.url(index)
 
 
-def _program(name: str) -> str:
-    if os.sep not in name and shutil.which(name) is None:
-        # A virtualenv's own scripts (rq) sit beside its python, whether or not it is activated.
-        beside = Path(sys.executable).with_name(name)
-        return str(beside) if beside.exists() else name
-    return name
-
-
 USAGE = """usage: python -m worker.shards list | which STATION... | exec CMD [ARGS...]
 
   list           the shard map, one JSON line per shard (passwords masked)
@@ -244,15 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # putenv + execv: the child's environment gains RQ_REDIS_URL (rq's own variable, so the password
-    # never shows on a command line); this process reads no setting from the environment here.
-    os.putenv(RQ_URL_ENV, url)
-    try:
-        os.execvp(_program(program[0]), program)
-    except OSError as exc:
-        print(f"error: cannot run {program[0]}: {exc.strerror}", file=sys.stderr)
-        return 127
-    return 0  # pragma: no cover - execvpe does not return
+    return exec_with_url(program, url)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ class counts. Workers keep the same histograms per station and minute in Redis
 
 An alarm needs at least `--min-frames` frames in the window and either a significant confidence
 shift that the KS test confirms (psi >= 0.25 and ks_p < alpha) or a significant class-mix shift
-(class_psi >= 0.25): the effect must be material and not chance. An alarm is a log line
+(class_psi >= 0.25): the effect must be material and not chance. With `--every`, the shift must
+also hold for `--confirm` checks in a row (2) before it is raised, and one check without it clears
+it: one small window's noise is not a drift. An alarm is a log line
 (`drift alarm`), `vq_drift_alarm{station} 1` beside `vq_drift_score{station}` (the psi) when
 `--metrics-port` is set, and with `--nudge` a request to the sample feed to capture more from that
 station (`vq:samples:boost`, read by every worker's sample feed: its per-minute quota is multiplied
@@ -43,7 +45,7 @@ import structlog
 from redis import Redis
 
 from worker.drift_stats import BINS, confidence_bin, stations_key, window_key
-from worker.redis_health import connect
+from worker.redis_health import connect, is_transient
 from worker.sample_feed import BOOST_KEY
 
 log = structlog.get_logger("visionqueue.drift")
@@ -52,6 +54,7 @@ PSI_MODERATE, PSI_SIGNIFICANT = 0.10, 0.25
 PSI_BINS = 10
 ALPHA = 0.01
 MIN_FRAMES = 200
+CONFIRM = 2  # checks in a row a shift must hold before it is an alarm (--every only)
 
 
 # -- the reference, written at publish time ------------------------------------------------------
@@ -192,10 +195,10 @@ class DriftMetrics:
         self.frames = Gauge("vq_drift_frames", "Frames in the station's recent window", ["station"], registry=registry)
         start_http_server(port, registry=registry)
 
-    def update(self, rows: list[StationDrift]) -> None:
+    def update(self, rows: list[StationDrift], raised: set[str]) -> None:
         for row in rows:
             self.score.labels(station=row.station).set(row.psi)
-            self.alarm.labels(station=row.station).set(int(row.alarm))
+            self.alarm.labels(station=row.station).set(int(row.station in raised))
             self.frames.labels(station=row.station).set(row.frames)
 
 
@@ -209,21 +212,46 @@ def current_manifest(conn: Redis, version: str | None) -> dict[str, Any]:
     return registry.manifest(version)
 
 
-def run_once(conn: Redis, args: argparse.Namespace, raised: set[str],
+class Alarms:
+    """Which stations are in alarm. A shift must hold for `confirm` checks in a row before it is raised:
+    one window's sampling noise is not a drift (a demo run once alarmed on the class mix of its first
+    161 frames), and Prometheus's `for:` waits the same way. One check without it clears it."""
+
+    def __init__(self, confirm: int = CONFIRM) -> None:
+        self.confirm = max(1, confirm)
+        self.raised: set[str] = set()
+        self._streak: dict[str, int] = {}
+
+    def update(self, rows: list[StationDrift]) -> tuple[list[StationDrift], list[StationDrift]]:
+        """(rows whose alarm is raised by this check, rows whose alarm this check clears)."""
+        new, cleared = [], []
+        for row in rows:
+            if row.alarm:
+                self._streak[row.station] = self._streak.get(row.station, 0) + 1
+                if self._streak[row.station] >= self.confirm and row.station not in self.raised:
+                    self.raised.add(row.station)
+                    new.append(row)
+            else:
+                self._streak.pop(row.station, None)
+                if row.station in self.raised:
+                    self.raised.discard(row.station)
+                    cleared.append(row)
+        return new, cleared
+
+
+def run_once(conn: Redis, args: argparse.Namespace, alarms: Alarms,
              metrics: DriftMetrics | None) -> list[StationDrift]:
     manifest = current_manifest(conn, args.version)
     rows = check(conn, manifest, args.window_minutes, args.min_frames, args.alpha)
-    for row in rows:
-        if row.alarm and row.station not in raised:
-            log.warning("drift alarm", **asdict(row))
-            if args.nudge:
-                nudge(conn, row.station, args.boost, args.boost_minutes)
-        elif not row.alarm and row.station in raised:
-            log.info("drift alarm cleared", station=row.station, psi=row.psi)
-    raised.clear()
-    raised.update(r.station for r in rows if r.alarm)
+    new, cleared = alarms.update(rows)
+    for row in new:
+        log.warning("drift alarm", **asdict(row))
+        if args.nudge:
+            nudge(conn, row.station, args.boost, args.boost_minutes)
+    for row in cleared:
+        log.info("drift alarm cleared", station=row.station, psi=row.psi)
     if metrics is not None:
-        metrics.update(rows)
+        metrics.update(rows, alarms.raised)
     return rows
 
 
@@ -236,6 +264,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frames", type=int, default=MIN_FRAMES, help="fewer frames in the window: never an alarm")
     p.add_argument("--alpha", type=float, default=ALPHA, help="KS significance level (the false-alarm rate)")
     p.add_argument("--every", type=float, help="check every this many seconds (default: once)")
+    p.add_argument("--confirm", type=int, default=CONFIRM,
+                   help=f"with --every: checks in a row a shift must hold before it is an alarm (default {CONFIRM})")
     p.add_argument("--metrics-port", type=int, help="serve vq_drift_score/alarm/frames{station} here")
     p.add_argument("--nudge", action="store_true", help="on an alarm, ask the sample feed for more of that station")
     p.add_argument("--boost", type=float, default=4.0, help="capture quota multiplier for a nudged station")
@@ -250,14 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     conn = connect(args.redis_url)
     metrics = DriftMetrics(args.metrics_port) if args.metrics_port else None
-    raised: set[str] = set()
+    alarms = Alarms(args.confirm if args.every else 1)  # a single check is its own confirmation
     while True:
         try:
-            rows = run_once(conn, args, raised, metrics)
+            rows = run_once(conn, args, alarms, metrics)
         except LookupError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.every is None:
                 return 2
+            rows = []
+        except Exception as exc:
+            # As a service (--every) it rides through Redis outages: the next check tries again.
+            if args.every is None or not is_transient(exc):
+                raise
+            log.warning("drift check skipped: redis unavailable", error=f"{type(exc).__name__}: {exc}")
             rows = []
         if args.every is None:
             for row in rows:

@@ -6,6 +6,11 @@ The verdict promotes only when every check passes:
   - strictly better on the new holdout,
   - the candidate's int8 artifact loads in the worker runtime, loses at most `max_int8_drop`
     points against its own fp32 weights, and is at most `max_latency_ratio` times slower.
+With a shadow run (`continual.update --shadow`, continual/shadow.py), `shadow_checks` adds, on live traffic:
+  - the candidate ran on every worker that tried it (none refused or failed it),
+  - at least `min_shadow_frames` frames shadowed, of which at most `max_shadow_disagreement` disagree,
+  - on the disagreement frames labelled by then, the candidate is right at least as often as the
+    current model (skipped, saying so, when none is labelled).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class GateConfig:
     max_int8_drop: float = 1.0  # points
     max_latency_ratio: float = 1.5
     min_new_holdout: int = 5
+    max_shadow_disagreement: float = 0.2  # share of shadowed live frames the two models may classify differently
+    min_shadow_frames: int = 20
 
 
 @dataclass
@@ -41,6 +48,17 @@ class Scores:
     per_class: dict[str, float]
     per_station: dict[str, float]
     confusion: list[list[int]]
+
+
+@dataclass(frozen=True)
+class ShadowEvidence:
+    """What a shadow run measured (continual.shadow reads it from Redis and the store)."""
+
+    frames: int
+    disagree: int
+    refused: int = 0  # workers that would not load the candidate
+    failed: int = 0  # workers where it raised while running
+    labelled: tuple[tuple[str, str, str], ...] = ()  # (label, current said, candidate said) per labelled frame
 
 
 @dataclass
@@ -152,3 +170,43 @@ def judge(candidate: Path, current: Path, root: Path, original: Sequence[Sample]
         reasons.append(f"the artifact does not load in the worker runtime: {exc}")
     verdict = Verdict(promote=not reasons, reasons=reasons or ["all checks passed"], checks=checks)
     return verdict, results
+
+
+def shadow_checks(evidence: ShadowEvidence, config: GateConfig) -> tuple[dict[str, Any], list[str]]:
+    """The shadow run's checks and the reasons of those that failed."""
+    checks: dict[str, Any] = {}
+    reasons: list[str] = []
+    broken = evidence.refused + evidence.failed
+    checks["shadow_runs"] = {"ok": broken == 0, "refused": evidence.refused, "failed": evidence.failed}
+    if broken:
+        reasons.append(f"shadow: the candidate was refused by {evidence.refused} and failed on {evidence.failed} "
+                       "worker(s) (see their logs)")
+    if evidence.frames < config.min_shadow_frames:
+        checks["shadow_disagreement"] = {"ok": False, "frames": evidence.frames, "min": config.min_shadow_frames}
+        reasons.append(f"shadow: {evidence.frames} live frames shadowed; at least {config.min_shadow_frames} are "
+                       "needed to judge")
+    else:
+        rate = evidence.disagree / evidence.frames
+        ok = rate <= config.max_shadow_disagreement
+        checks["shadow_disagreement"] = {"ok": ok, "frames": evidence.frames, "disagree": evidence.disagree,
+                                         "rate": round(rate, 4), "max": config.max_shadow_disagreement}
+        if not ok:
+            reasons.append(f"shadow: disagrees with the current model on {rate:.1%} of live frames "
+                           f"(max {config.max_shadow_disagreement:.1%})")
+    checks["shadow_labelled"], reason = _labelled_check(evidence.labelled)
+    if reason:
+        reasons.append(reason)
+    return checks, reasons
+
+
+def _labelled_check(labelled: Sequence[tuple[str, str, str]]) -> tuple[dict[str, Any], str | None]:
+    if not labelled:
+        return {"ok": True, "n": 0, "skipped": "no disagreement frame was labelled by the end of the shadow run"}, None
+    candidate = sum(1 for label, _, theirs in labelled if theirs == label)
+    current = sum(1 for label, mine, _ in labelled if mine == label)
+    ok = candidate >= current
+    check = {"ok": ok, "n": len(labelled), "candidate_correct": candidate, "current_correct": current}
+    if ok:
+        return check, None
+    return check, (f"shadow: on {len(labelled)} labelled disagreement frames the candidate was right {candidate} "
+                   f"times, the current model {current}")

@@ -3,20 +3,26 @@
     export --out DIR --format folders     images in DIR/_unlabeled/<frame_id>.<ext>; reviewers move
                                           each into DIR/<class>/ (a new folder name = a new class)
     export --out DIR --format labelstudio DIR/tasks.json (our prediction as a pre-annotation) and
-                                          DIR/labeling_config.xml; images under DIR/images/
+                                          DIR/labeling_config.xml; images under DIR/images/, named in each
+                                          task as /data/local-files/?d=PATH, PATH relative to
+                                          --document-root (default DIR): start Label Studio with
+                                          LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and
+                                          LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=that root, and add a local
+                                          storage on DIR/images to the project (it grants access; do not sync it)
     export --doubtful …                   instead of unlabelled frames, the labelled ones the last update
                                           doubted (continual.doubt; held out of training): each entry of
                                           _export.json / each task's data names the given and suggested label
-    import DIR|FILE [--source-name NAME]  reads a folders tree or a Label Studio JSON export back; every label
-                                          is recorded in the store's label history as set by NAME (default
-                                          "review import DIR|FILE")
+    import DIR|FILE [--source-name NAME]  reads a folders tree or a Label Studio export (JSON or JSON_MIN)
+                                          back; every label is recorded in the store's label history as set
+                                          by NAME (default "review import DIR|FILE")
 
 A label naming a class the model does not know yet is accepted: the next update grows the head.
 Import conflicts (a frame in two class folders or two tasks with different labels; a new label on a
 frame a published version already used) are not applied: they are listed on stderr and in
 DIR/_conflicts.json (FILE.conflicts.json beside a Label Studio export); the other labels are imported.
 
-Exit status: 0 done, 3 imported with conflicts (see the conflicts file), 2 the source does not exist.
+Exit status: 0 done, 3 imported with conflicts (see the conflicts file), 2 the source does not exist
+(export: DIR is not under --document-root).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+from xml.sax.saxutils import quoteattr
 
 from .store import SampleStore, StoredSample
 
 UNLABELED = "_unlabeled"
+LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's local-files serving endpoint
 EXIT_CONFLICTS = 3
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 
@@ -55,15 +64,26 @@ def export_folders(samples: list[StoredSample], out: Path, class_names: list[str
 
 
 def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list[str],
-                       notes: dict[str, dict[str, Any]] | None = None) -> int:
+                       notes: dict[str, dict[str, Any]] | None = None, document_root: Path | None = None) -> int:
+    """out/tasks.json, out/labeling_config.xml and the images under out/images/, for a Label Studio project.
+
+    Each task's image is a local-files URL relative to `document_root` (default `out`), the server's
+    LOCAL_FILES_DOCUMENT_ROOT: Label Studio serves such a file only to a project with a local storage
+    whose path holds it, so the project gets one on out/images (see deploy/label_studio_roundtrip.py)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    root = (document_root or out).resolve()
     tasks = []
     for s in samples:
         target = images / f"{s.frame_id}{s.path.suffix}"
         shutil.copyfile(s.path, target)
+        try:
+            rel = target.resolve().relative_to(root).as_posix()
+        except ValueError:
+            raise ValueError(f"{target} is not under the document root {root}") from None
         task: dict[str, Any] = {
-            "data": {"image": f"/data/local-files/?d={target.relative_to(out)}", "frame_id": s.frame_id,
+            # quote(): a frame id may hold characters ('&', '#', '+') that would cut the query string short.
+            "data": {"image": LOCAL_FILES_URL + quote(rel, safe="/"), "frame_id": s.frame_id,
                      "station": s.station, **(notes or {}).get(s.frame_id, {})},
         }
         if s.predicted:
@@ -75,11 +95,16 @@ def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list
             }]
         tasks.append(task)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
-    choices = "\n".join(f'    <Choice value="{c}"/>' for c in class_names)
-    (out / "labeling_config.xml").write_text(
-        f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" toName="image" '
-        f'choice="single" showInline="true">\n{choices}\n  </Choices>\n</View>\n')
+    (out / "labeling_config.xml").write_text(labeling_config(class_names))
     return len(samples)
+
+
+def labeling_config(class_names: list[str]) -> str:
+    """The project's labelling config: one image, a single choice among the classes. Class names are
+    attribute-quoted: a name with '&', '<' or '"' would otherwise make the server reject the XML."""
+    choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in class_names)
+    return (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" toName="image" '
+            f'choice="single" showInline="true">\n{choices}\n  </Choices>\n</View>\n')
 
 
 def read_folders(root: Path) -> dict[str, list[str]]:
@@ -94,19 +119,39 @@ def read_folders(root: Path) -> dict[str, list[str]]:
 
 
 def read_labelstudio(path: Path) -> dict[str, list[str]]:
-    """frame_id -> the labels given to it by a Label Studio JSON export (per task, its latest
-    non-cancelled annotation). More than one label means two tasks of one frame disagree: a conflict."""
+    """frame_id -> the labels given to it by a Label Studio export (per task, its latest non-cancelled
+    annotation). More than one label means two tasks of one frame disagree: a conflict.
+
+    Reads both export formats a person may pick: JSON (tasks with `data` and `annotations[].result[]
+    .value.choices`) and JSON_MIN (flat rows, one per annotation: the data fields beside `label`, the
+    choice; two annotators who disagree there are a conflict). A task without
+    `frame_id` (one the server made itself by syncing the image storage) is mapped by its image's file name."""
     labels: dict[str, list[str]] = {}
     for task in json.loads(path.read_text()):
-        frame_id = (task.get("data") or {}).get("frame_id")
-        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-        if not frame_id or not annotations:
-            continue
-        for item in annotations[-1].get("result", []):
-            choices = (item.get("value") or {}).get("choices")
-            if choices and choices[0] not in labels.get(frame_id, []):
-                labels.setdefault(frame_id, []).append(choices[0])
+        if "data" in task or "annotations" in task:
+            data = task.get("data") or {}
+            annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+            # Export order is not edit order: a task re-annotated later may list its older annotation last.
+            annotations.sort(key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
+            given = [c for item in (annotations[-1].get("result", []) if annotations else [])
+                     for c in ((item.get("value") or {}).get("choices") or [])[:1]]
+        else:  # JSON_MIN: one annotation per row, a single choice as a string, several as {"choices": [...]}
+            data = task
+            choice = task.get("label")
+            given = [choice] if isinstance(choice, str) else list((choice or {}).get("choices") or [])[:1]
+        frame_id = data.get("frame_id") or _frame_id_from_url(data.get("image"))
+        for label in given if frame_id else []:
+            if label not in labels.get(frame_id, []):
+                labels.setdefault(frame_id, []).append(label)
     return labels
+
+
+def _frame_id_from_url(url: Any) -> str | None:
+    """The frame id in an exported image's local-files URL (…?d=…/images/<frame_id>.<ext>), else None."""
+    if not isinstance(url, str) or not url.startswith(LOCAL_FILES_URL):
+        return None
+    name = PurePosixPath((parse_qs(urlsplit(url).query).get("d") or [""])[0])
+    return name.stem if name.parent.name == "images" and name.suffix.lower() in IMAGE_EXTS else None
 
 
 def conflicts_path(source: Path) -> Path:
@@ -181,8 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--format", choices=("folders", "labelstudio"), default="folders")
     e.add_argument("--limit", type=int)
     e.add_argument("--classes", help="comma-separated class names (default: those the samples were predicted with)")
+    e.add_argument("--document-root",
+                   help="labelstudio: Label Studio's LOCAL_FILES_DOCUMENT_ROOT, holding --out (default: --out "
+                        "itself); image URLs are relative to it")
     e.add_argument("--doubtful", action="store_true",
                    help="export the labels the last update doubted (held out of training) for a second look")
+    # Which unlabelled frames a person sees (continual.diversity): labels are the scarce resource.
+    e.add_argument("--select", choices=("oldest", "uncertainty", "diverse"), default="oldest",
+                   help="oldest: capture order (default); uncertainty: lowest confidence first; diverse: k-center "
+                        "greedy in the model's embedding space over the 3 x budget most uncertain, all stations")
+    e.add_argument("--budget", type=int, help="with --select uncertainty|diverse: frames to export (default: --limit)")
+    e.add_argument("--model", help="--select diverse: the current model's artifact folder with float weights")
     i = sub.add_parser("import")
     i.add_argument("source", help="a folders tree or a Label Studio JSON export")
     i.add_argument("--source-name", help="who set these labels, recorded in the label history (a reviewer's "
@@ -199,13 +253,29 @@ def main(argv: list[str] | None = None) -> int:
                 samples = [s for s in store.doubtful() if s.frame_id in doubts][: a.limit or None]
                 notes = {fid: {"label": d.label, "suggested": d.suggested, "label_quality": d.quality,
                                "doubted_by": d.run} for fid, d in doubts.items()}
+            elif a.select != "oldest":
+                from .diversity import for_review  # torch is imported only when a model embeds frames
+
+                try:
+                    samples = for_review(store, a.select, a.budget or a.limit, a.model)
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
             else:
                 samples = store.unlabeled(a.limit)
             classes = a.classes.split(",") if a.classes else _known_classes(store)
             # A doubted label may name a class the model does not know yet: give it its folder too.
             classes += sorted({n["label"] for n in notes.values()} - set(classes))
             out = Path(a.out)
-            n = (export_folders if a.format == "folders" else export_labelstudio)(samples, out, classes, notes)
+            if a.format == "folders":
+                n = export_folders(samples, out, classes, notes)
+            else:
+                try:
+                    n = export_labelstudio(samples, out, classes, notes,
+                                           Path(a.document_root) if a.document_root else None)
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
             print(json.dumps({"exported": n, "out": str(out), "format": a.format, "classes": classes,
                               "doubtful": a.doubtful}))
         else:

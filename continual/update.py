@@ -13,6 +13,9 @@
      warm-up, and a low loss there says little about what the gate will see
   5. recalibrate; evaluate candidate and current model on the original and the new holdout
   6. gate (continual.gate): a verdict with reasons
+  6b. with --shadow MINUTES (continual.shadow): publish the candidate unpromoted, let the workers run it
+     beside the current model on live traffic for MINUTES, and gate on how often they disagree and on
+     who was right about the disagreement frames labelled by then
   7. quantize, publish, promote; a report (JSON, markdown, confusion matrices) in the run folder
 
 Exit status: 0 promoted or nothing to do, 2 rejected by the gate, 1 error. `--dry-run` stops
@@ -68,6 +71,7 @@ DOUBT_FOLDS = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    gate = GateConfig()  # the gate's thresholds default to its own fields: written once, in continual/gate.py
     p = argparse.ArgumentParser(prog="python -m continual.update", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-url", help="default: $REDIS_URL_FILE, else $REDIS_URL (password: $REDIS_PASSWORD_FILE)")
@@ -96,15 +100,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="RandomResizedCrop's smallest area share (default: the current model's own training value)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--tolerance", type=float, default=1.0, help="allowed drop on the original holdout (points)")
-    p.add_argument("--max-int8-drop", type=float, default=1.0, help="points")
-    p.add_argument("--max-latency-ratio", type=float, default=1.5)
-    p.add_argument("--min-new-holdout", type=int, default=5)
+    p.add_argument("--tolerance", type=float, default=gate.tolerance,
+                   help="allowed drop on the original holdout (points; default %(default)s)")
+    p.add_argument("--max-int8-drop", type=float, default=gate.max_int8_drop, help="points (default %(default)s)")
+    p.add_argument("--max-latency-ratio", type=float, default=gate.max_latency_ratio)
+    p.add_argument("--min-new-holdout", type=int, default=gate.min_new_holdout)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lock-ttl", type=int, default=LOCK_TTL_S,
                    help=f"seconds a dead run's lock outlives it; a live run renews it every third of that "
                         f"(default {LOCK_TTL_S})")
     p.add_argument("--dry-run", action="store_true", help="train and judge, but publish nothing")
+    s = p.add_argument_group("shadow before promotion")
+    s.add_argument("--shadow", type=float, default=0.0, metavar="MINUTES",
+                   help="after the offline gate, run the candidate beside the current model on live traffic for "
+                        "MINUTES before judging it again (default 0: promote at once)")
+    s.add_argument("--shadow-share", type=float, default=1.0,
+                   help="share of batches shadowed; each worker's VQ_SHADOW_SHARE caps it (default 1.0)")
+    s.add_argument("--max-shadow-disagreement", type=float, default=gate.max_shadow_disagreement,
+                   help="largest share of shadowed live frames the two models may disagree on (default %(default)s)")
+    s.add_argument("--min-shadow-frames", type=int, default=gate.min_shadow_frames,
+                   help="live frames the shadow run must see to judge (default %(default)s)")
     d = p.add_argument_group("label doubt")
     # Off by default: the features it judges by are the current model's, and the labels an update needs
     # most are of frames that model no longer understands. In the demo (night drift, labels all correct)
@@ -234,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         args.base_split = args.base_split or (Path(loop_settings.base_split) if loop_settings.base_split else None)
         if args.lock_ttl < 3:
             raise SettingsError(f"--lock-ttl={args.lock_ttl} must be at least 3 seconds")
+        if args.shadow < 0 or not 0.0 < args.shadow_share <= 1.0:
+            raise SettingsError("--shadow must be >= 0 minutes and --shadow-share in (0, 1]")
         # Socket timeouts: a paused or partitioned server fails a call (then waited out) instead of hanging.
         # With a shard map the registry lives on the primary shard: the update reads and publishes there
         # (then mirrors), and its ingest drains every shard's samples.
@@ -300,20 +317,39 @@ def run_update(args: argparse.Namespace, conn: Redis) -> int:
         data = build_update_data(run, store, manifest["class_names"], args.base_split, args.replay, args.seed)
         log.info("update data", current=version, new_classes=data.new_classes, **data.counts)
         candidate = fine_tune(args, run, current, manifest, data)
-        gate = GateConfig(args.tolerance, args.max_int8_drop, args.max_latency_ratio, args.min_new_holdout)
+        gate = GateConfig(args.tolerance, args.max_int8_drop, args.max_latency_ratio, args.min_new_holdout,
+                          args.max_shadow_disagreement, args.min_shadow_frames)
         verdict, results = judge(candidate, current, data.split.root, data.original_holdout, data.new_holdout,
                                  data.classes, data.stations, gate)
         published = None
+        shadow: dict[str, Any] | None = None
+        if verdict.promote and args.shadow > 0:
+            verdict, shadow = _shadow(args, conn, registry, store, candidate, verdict, gate)
         if verdict.promote and not args.dry_run:
-            published = registry.publish(candidate, promote=True)
+            if shadow and shadow.get("version"):  # already published for the shadow run: promote it now
+                registry.promote(shadow["version"])
+                published = shadow["version"]
+            else:
+                published = registry.publish(candidate, promote=True)
             store.mark_used(data.new_frame_ids, published)
             _mirror_to_shards()
-        report = write_report(run, version, candidate, data, verdict, results, published, args.dry_run, doubt)
+        report = write_report(run, version, candidate, data, verdict, results, published, args.dry_run, doubt,
+                              shadow)
         print(json.dumps({k: report[k] for k in ("verdict", "current", "candidate", "published", "report")},
                          indent=2), flush=True)
         if not verdict.promote:
             return EXIT_REJECTED
         return EXIT_OK
+
+
+def _shadow(args: argparse.Namespace, conn: Redis, registry: ModelRegistry, store: SampleStore, candidate: Path,
+            verdict: Verdict, gate: GateConfig) -> tuple[Verdict, dict[str, Any]]:
+    """The shadow run (continual.shadow), unless this is a dry run: that publishes nothing, a shadow included."""
+    if args.dry_run:
+        return verdict, {"not_run": "--dry-run publishes nothing, so nothing can be shadowed"}
+    from .shadow import shadow_step
+
+    return shadow_step(conn, registry, store, candidate, verdict, gate, args.shadow, args.shadow_share)
 
 
 def _mirror_to_shards() -> None:
@@ -331,7 +367,7 @@ def _mirror_to_shards() -> None:
 
 def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict[str, Any], data: Any) -> Path:
     """The trainer's recipe from the current float weights; the candidate artifact's path."""
-    from trainer.train import get_args_parser as train_args
+    from trainer.config import TrainConfig
     from trainer.train import run_training
 
     weights = current / FLOAT_FILE
@@ -340,33 +376,27 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
     h, w = manifest["input_size"]
     backend = (manifest.get("quantization") or {}).get("backend")
     parent = manifest.get("training") or {}
+    optional: dict[str, Any] = {}
     # The parent's augmentation: a crop it never trained on could cut out the defects it learned.
     min_crop = args.min_crop if args.min_crop is not None else parent.get("min_crop")
-    argv = ["--out", str(run / "train"), "--split-file", str(run / "split.json"), "--arch", manifest["arch"],
-            "--input-size", f"{h}x{w}", "--weights", str(weights), "--epochs", str(args.epochs),
-            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--warmup-epochs", str(args.warmup_epochs),
-            "--patience", str(args.patience), "--min-epochs", str(args.min_epochs), "--select-by", args.select_by,
-            "--seed", str(args.seed), "--parent-version", manifest["version"]]
     if min_crop is not None:
-        argv += ["--min-crop", str(min_crop)]
-    if manifest.get("attention"):  # pruned widths need no flag: the trainer reads them from the weights
-        argv += ["--attention", manifest["attention"]]
-    if parent.get("trivial_augment"):
-        argv += ["--trivial-augment"]
-    if args.freeze_bn:
-        argv += ["--freeze-bn"]
+        optional["min_crop"] = float(min_crop)
     if backend:
         # The gate judges the int8 drop itself (--max-int8-drop): with the trainer's own stricter default, a
         # 2-image wobble on a small validation share left the candidate fp32, and the gate then refused it as
         # several times slower than its int8 parent.
-        argv += ["--int8-backend", backend, "--int8-max-drop", str(args.max_int8_drop)]
+        optional.update(int8_backend=backend, int8_max_drop=args.max_int8_drop)
     else:
-        argv += ["--no-quantize"]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if not sys.stderr.isatty():
-        argv += ["--no-progress"]
-    code = run_training(train_args().parse_args(argv))
+        optional["quantize"] = False
+    config = TrainConfig(
+        out=run / "train", split_file=run / "split.json", arch=manifest["arch"], input_size=f"{h}x{w}",
+        weights=str(weights), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        warmup_epochs=args.warmup_epochs, patience=args.patience, min_epochs=args.min_epochs,
+        select_by=args.select_by, seed=args.seed, parent_version=manifest["version"],
+        # pruned widths need no option: the trainer reads them from the weights
+        attention=manifest.get("attention") or None, trivial_augment=bool(parent.get("trivial_augment")),
+        freeze_bn=args.freeze_bn, threads=args.threads or None, progress=sys.stderr.isatty(), **optional)
+    code = run_training(config)
     if code != 0:
         raise RuntimeError(f"fine-tuning failed with status {code}")
     return run / "train" / "artifact"
@@ -395,8 +425,11 @@ def grow_head(current: Path, manifest: dict[str, Any], classes: list[str], out: 
 
 
 def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: Verdict, results: dict[str, Any],
-                 published: str | None, dry_run: bool, doubt: dict[str, Any] | None = None) -> dict[str, Any]:
+                 published: str | None, dry_run: bool, doubt: dict[str, Any] | None = None,
+                 shadow: dict[str, Any] | None = None) -> dict[str, Any]:
     from trainer import plots
+
+    from .shadow import report_lines as shadow_lines
 
     cand_manifest = read_manifest(candidate)
     report = {
@@ -411,6 +444,7 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
         "new_classes": data.new_classes,
         "data": data.counts,
         "label_doubt": doubt or {"enabled": False},
+        "shadow": shadow,
         "results": {name: {who: asdict(s) for who, s in pair.items()} for name, pair in results.items()},
         "report": str(run / "report.md"),
     }
@@ -423,6 +457,7 @@ def write_report(run: Path, current: str, candidate: Path, data: Any, verdict: V
              f"- current model: `{current}`", f"- candidate: `{report['candidate']}`",
              f"- data: {json.dumps(data.counts)}", f"- new classes: {data.new_classes or 'none'}", "",
              *_doubt_lines(report["label_doubt"]),
+             *shadow_lines(shadow),
              "## Verdict", "", *[f"- {r}" for r in verdict.reasons], "",
              "| holdout | n | current | candidate |", "| --- | --- | --- | --- |"]
     for name, pair in results.items():

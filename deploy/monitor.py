@@ -46,11 +46,15 @@ class Monitor:
         self.captured = 0
         self.labelled = 0
         self._last_id = "0-0"
+        # Results read before their camera wrote the frame into its ledger (the worker can answer
+        # between the camera's submit and that write): kept and joined on a later poll, never dropped.
+        self._unmatched: dict[str, dict[str, Any]] = {}
         self.started = time.time()
         # Drift, as continual.drift sees it: nobody tells the monitor when the night shift starts.
         self.drift: dict[str, Any] = {}  # station -> the latest StationDrift
         self.drift_alarms: list[tuple[float, str, str]] = []  # (time, station, what shifted) of each alarm raised
         self._drift_checked = 0.0
+        self._alarms: Any = None  # continual.drift.Alarms, made on the first check (continual imports torch)
         self._manifests: dict[str, dict[str, Any]] = {}
 
     def mark(self, event: str) -> None:
@@ -73,10 +77,13 @@ class Monitor:
             rows = drift.check(self.conn, self._manifests[version], window_minutes, min_frames)
         except LookupError:
             return  # a version published without a reference: nothing to compare with
-        raised = {s for _, s, _ in self.drift_alarms}
         for row in rows:
             self.drift[row.station] = row
-            if row.alarm and row.station not in raised:
+        if self._alarms is None:
+            self._alarms = drift.Alarms()  # continual.drift's confirmation: two checks in a row
+        raised = {s for _, s, _ in self.drift_alarms}
+        for row in self._alarms.update(rows)[0]:
+            if row.station not in raised:  # the demo reports each station's first alarm
                 self.drift_alarms.append((time.time(), row.station,
                                           f"confidence psi {row.psi:.2f}, class-mix psi {row.class_psi:.2f}"))
                 self.mark(f"drift alarm on {row.station} (continual.drift: psi {row.psi:.2f}, "
@@ -88,6 +95,7 @@ class Monitor:
         ledger: dict[str, Any] = {}
         for cam in self.cameras:
             ledger.update(cam.ledger)
+        pending, self._unmatched = self._unmatched, {}
         while True:
             batch = self.conn.xread({RESULTS_STREAM: self._last_id}, count=1000)
             if not batch:
@@ -98,12 +106,14 @@ class Monitor:
                     self.failures[f[b"frame_id"].decode()] = f.get(b"error", b"").decode()
                     continue
                 r = json.loads(f[b"result"])
-                sent = ledger.get(r["frame_id"])
-                if sent is None:
-                    continue
-                self.rows.append(Row(r["frame_id"], r["done_at"], r["model_version"], r["station"], sent.condition,
-                                     sent.truth, r["label"], r["timings"]["end_to_end_ms"],
-                                     r["timings"]["batch_size"]))
+                pending[r["frame_id"]] = r
+        for frame_id, r in pending.items():
+            sent = ledger.get(frame_id)
+            if sent is None:
+                self._unmatched[frame_id] = r
+                continue
+            self.rows.append(Row(frame_id, r["done_at"], r["model_version"], r["station"], sent.condition,
+                                 sent.truth, r["label"], r["timings"]["end_to_end_ms"], r["timings"]["batch_size"]))
 
     # -- figures ------------------------------------------------------------------------------------
     def recent(self, seconds: float = 10.0) -> list[Row]:

@@ -9,11 +9,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from redis import Redis
 
 from worker.jobs import FrameQueue
@@ -176,7 +179,8 @@ def test_compose_redis_fsyncs_every_write_and_is_bounded():
 
 # -- least privilege, signing, hardening (issue 9) --------------------------------------------------------
 
-COMPOSE_ROLES = {"worker": "worker", "camera": "camera", "gateway": "gateway", "ingest": "ingest", "updater": "updater"}
+COMPOSE_ROLES = {"worker": "worker", "camera": "camera", "gateway": "gateway", "ingest": "ingest", "updater": "updater",
+                 "drift": "drift"}
 
 
 def acl_users() -> set[str]:
@@ -258,7 +262,7 @@ def test_k8s_pods_are_locked_down_and_take_their_redis_password_from_a_file():
                 assert vol["secret"]["defaultMode"] == 0o400
                 assert vol["secret"]["secretName"].removeprefix("visionqueue-redis-") in acl_users()
                 assert "$REDIS" not in " ".join(container["command"])  # no credential on a command line
-    assert seen == 4
+    assert seen == 5
 
 
 def test_k8s_worker_has_a_liveness_probe_on_its_metrics_port():
@@ -304,6 +308,45 @@ def test_image_installs_only_the_hashed_lock_from_pypi_and_runs_as_non_root():
     assert all("--hash=sha256:" in b for b in blocks if re.match(r"[A-Za-z0-9_.-]+==", b))
     requirements = "\n".join(line for line in lock.splitlines() if not line.lstrip().startswith("#"))
     assert "file://" not in requirements and "--extra-index-url" not in requirements and " @ " not in requirements
+
+
+IMAGE_EXTRAS = ("worker", "train", "gateway")  # what the image installs; the lock's header names the same
+
+
+def image_requirements() -> list[Requirement]:
+    """pyproject.toml's base dependencies and those of the image's extras, self-references (train's
+    visionqueue[worker]) followed."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras, seen, todo = project["optional-dependencies"], set(), list(IMAGE_EXTRAS)
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in map(Requirement, extras[extra]):
+            if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+                todo.extend(req.extras)
+            else:
+                reqs.append(req)
+    return reqs
+
+
+def test_lock_covers_every_dependency_of_the_image_extras_at_its_pinned_version():
+    """A dependency added to pyproject.toml but not to the lock is missing from the image (installed
+    with --no-deps): every one must be locked, and at a version its specifier allows (== pins exactly)."""
+    lock = (DEPLOY / "requirements.lock").read_text()
+    pins = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, flags=re.M)}
+    linux = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+             "python_version": "3.11", "python_full_version": "3.11.0", "implementation_name": "cpython"}
+    reqs = [r for r in image_requirements() if r.marker is None or r.marker.evaluate(linux)]
+    names = {canonicalize_name(r.name) for r in reqs}
+    assert {"torch", "torchvision", "rq", "torch-pruning", "grad-cam", "cleanlab", "fastapi"} <= names
+    missing = sorted(str(r) for r in reqs if canonicalize_name(r.name) not in pins)
+    assert not missing, f"not in deploy/requirements.lock (regenerate it, see its header): {missing}"
+    wrong = sorted(f"{r} (lock: {pins[canonicalize_name(r.name)]})" for r in reqs
+                   if not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True))
+    assert not wrong, f"deploy/requirements.lock disagrees with pyproject.toml: {wrong}"
 
 
 # -- past one Redis: deploy/k8s/shards ------------------------------------------------------------------
@@ -367,3 +410,22 @@ def test_shard_manifests_are_locked_down_and_their_commands_are_real(subprocess_
                                  cwd=ROOT, env=subprocess_env, timeout=120)
             assert out.returncode == 0, (command, out.stderr)
     assert seen == 4  # three shard workers and the registry mirror
+
+
+def test_the_drift_monitor_runs_everywhere_as_its_own_user_with_metrics_and_nudges():
+    """continual.drift --every is a service in compose, Kubernetes and systemd, scraped by Prometheus."""
+    want = ["python", "-m", "continual.drift", "--every", "60", "--metrics-port", "9108", "--nudge"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["drift"]["command"] == want
+    [dep] = load_all(DEPLOY / "k8s" / "drift.yaml")
+    [container] = _containers(dep)
+    assert container["command"] == want and dep["spec"]["replicas"] == 1
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9108"
+    assert {e["name"]: e for e in container["env"]}["REDIS_URL"]["valueFrom"]["configMapKeyRef"]["key"] == "drift"
+    unit = (DEPLOY / "systemd" / "visionqueue-drift.service").read_text()
+    assert "ExecStart=/opt/visionqueue/.venv/bin/python " + " ".join(want[1:]) in unit
+    assert "redis-drift-password" in unit and "signing" not in unit.split("[Unit]")[1]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert any(t == "drift:9108" for job in prometheus["scrape_configs"] for c in job.get("static_configs", [])
+               for t in c["targets"])
+    assert "user drift on" in (DEPLOY / "redis" / "users.acl").read_text()

@@ -120,3 +120,23 @@ def test_a_nudge_raises_the_capture_quota_of_that_station_only(redis_conn):
     # The fleet's 2 a minute went to whichever came first; the nudged station got up to 2 x (3 - 1) more.
     assert stations.count(b"day-line") <= 2 and stations.count(b"night-line") >= 4
     assert len(stations) <= 2 + 4
+
+
+def test_an_alarm_needs_confirm_checks_in_a_row_and_one_quiet_check_clears_it() -> None:
+    from continual.drift import Alarms, StationDrift
+
+    def row(station: str, alarm: bool) -> StationDrift:
+        return StationDrift(station, "v1", 300, 0.3 if alarm else 0.01, 0.1, 0.001, 0.0,
+                            "significant" if alarm else "stable", alarm)
+
+    alarms = Alarms(confirm=2)
+    assert alarms.update([row("a", True), row("b", False)]) == ([], [])  # one noisy window: not yet
+    assert alarms.update([row("a", False)]) == ([], [])  # the streak is broken
+    assert alarms.update([row("a", True)]) == ([], [])
+    new, cleared = alarms.update([row("a", True), row("b", True)])
+    assert [r.station for r in new] == ["a"] and cleared == [] and alarms.raised == {"a"}
+    assert alarms.update([row("a", True)]) == ([], [])  # raised once, not again
+    new, cleared = alarms.update([row("a", False), row("b", True)])
+    assert [r.station for r in new] == ["b"] and [r.station for r in cleared] == ["a"]
+    assert alarms.raised == {"b"}
+    assert [r.station for r in Alarms(confirm=1).update([row("c", True)])[0]] == ["c"]

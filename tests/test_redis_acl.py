@@ -28,7 +28,7 @@ from worker.redis_server import RedisServer
 ROOT = Path(__file__).resolve().parents[1]
 ACL_TEMPLATE = ROOT / "deploy" / "redis" / "users.acl"
 RENDER = ROOT / "deploy" / "redis" / "render-acl.sh"
-ROLES = ("camera", "gateway", "worker", "ingest", "updater", "publisher", "keda", "admin")
+ROLES = ("camera", "gateway", "worker", "ingest", "updater", "drift", "publisher", "keda", "admin")
 
 
 class AclRedis:
@@ -99,9 +99,10 @@ def acl_redis(tmp_path: Path, redis7: str) -> Iterator[AclRedis]:
         yield AclRedis(server, secrets_dir)
 
 
-def acl_log(acl_redis: AclRedis) -> list[dict]:
+def acl_log(acl_redis: AclRedis, ignore_user: str | None = None) -> list[dict]:
+    """The server's refusals, less those of `ignore_user` (a test's deliberate attempts)."""
     with acl_redis.conn("admin") as admin:
-        return admin.acl_log()
+        return [e for e in admin.acl_log() if e.get("username") != ignore_user]
 
 
 def test_nobody_gets_in_without_a_role(acl_redis):
@@ -208,7 +209,23 @@ def test_every_role_does_its_job_as_its_own_user(acl_redis, tmp_path, subprocess
     with acl_redis.conn("ingest") as ingester, SampleStore(tmp_path / "store") as store:
         counts = ingest(ingester, store)
     assert counts["added"] >= 1 and counts["bad"] == 0
-    assert acl_log(acl_redis) == []  # no legitimate call was refused anywhere above
+
+    # The drift monitor reads the workers' histograms and the registry, and nudges a station's capture.
+    from continual import drift
+    from worker.drift_stats import stations_key
+
+    with acl_redis.conn("drift") as monitor:
+        manifest = drift.current_manifest(monitor, None)
+        stations = sorted(s.decode() for s in monitor.smembers(stations_key(version)))
+        assert stations == ["st-camera", "st-gateway"]
+        window = drift.read_window(monitor, version, stations, 10, len(manifest["class_names"]))
+        assert [int(conf.sum()) for conf, _ in window.values()] == [3, 3]
+        drift.nudge(monitor, "st-camera", 4.0, 1.0)
+        with pytest.raises(NoPermissionError):
+            monitor.set("vq:models:current", "forged")
+        with pytest.raises(NoPermissionError):
+            monitor.delete(stations_key(version))
+    assert acl_log(acl_redis, ignore_user="drift") == []  # no legitimate call was refused anywhere above
 
 
 # -- the resolver and the masker -----------------------------------------------------------------------

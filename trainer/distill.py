@@ -3,6 +3,8 @@
     python -m trainer.train --data DIR --out RUN --arch resnet18 --teacher TEACHER_RUN \
         [--kd-temperature 4] [--kd-alpha 0.7]
 
+(TrainConfig's teacher, kd_temperature and kd_alpha in code: `Distiller.from_config`.)
+
 loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * hard loss
 
 The teacher is the float model of another run's artifact (the tutorial's resnet50, say), frozen
@@ -16,6 +18,7 @@ hard term's whatever T is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,9 @@ from torch import nn
 from worker.artifact import load_float_model, read_manifest
 
 from .evaluate import ARTIFACT_DIR
+
+if TYPE_CHECKING:  # trainer.config reads this module's defaults: a runtime import would be circular
+    from .config import TrainConfig
 
 KD_TEMPERATURE = 4.0
 KD_ALPHA = 0.7
@@ -57,6 +63,13 @@ class Distiller:
                              f"{classes} (same names, same order)")
         teacher = load_float_model(artifact, manifest).to(device)
         return cls(teacher, tuple(manifest["input_size"]), temperature, alpha)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, classes: list[str], device: torch.device) -> Distiller:
+        """The distillation a run's config asks for: its teacher run, temperature and alpha."""
+        if config.teacher is None:
+            raise ValueError("no teacher: distillation needs --teacher RUN")
+        return cls.from_run(config.teacher, classes, device, config.kd_temperature, config.kd_alpha)
 
     def describe(self) -> dict[str, float | list[int]]:
         return {"kd_temperature": self.temperature, "kd_alpha": self.alpha, "teacher_input_size": list(self.input_size)}

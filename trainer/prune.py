@@ -34,6 +34,7 @@ from torch import nn
 from worker.artifact import read_manifest
 from worker.model import head_parameters
 
+from .config import TrainConfig
 from .data import EvalDataset, eval_loader, load_split
 from .evaluate import ARTIFACT_DIR, SPLIT_FILE, model_logits
 
@@ -42,23 +43,26 @@ log = structlog.get_logger("visionqueue.prune")
 MIN_KEEP = 0.8  # the tutorial's rule: pruning past 20 % of a layer's channels costs accuracy a fine-tune can't recover
 PRUNED_FILE = "pruned.safetensors"
 TAYLOR_BATCHES = 4
+FINE_TUNE_EPOCHS = 3
+FINE_TUNE_LR = 1e-4  # AdamW; the weights are trained already, only the cut needs healing
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    train = TrainConfig.defaults()  # the options the fine-tune shares with trainer.train keep its defaults
     p = argparse.ArgumentParser(prog="python -m trainer.prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="a trained run (RUN/artifact, RUN/split.json)")
     p.add_argument("--out", required=True, type=Path, help="the pruned run's folder")
     p.add_argument("--keep", type=float, default=MIN_KEEP, help=f"share of each layer's channels kept (>= {MIN_KEEP})")
     p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after pruning (at least 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=FINE_TUNE_EPOCHS, help="fine-tuning epochs after pruning (at least 1)")
+    p.add_argument("--lr", type=float, default=FINE_TUNE_LR, help="fine-tuning AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=train["batch_size"])
     p.add_argument("--int8-backend", help="as trainer.train's --int8-backend")
     p.add_argument("--no-quantize", dest="quantize", action="store_false")
-    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--calib-images", type=int, default=train["calib_images"])
     p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=train["seed"])
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -111,7 +115,6 @@ def accuracy(model: nn.Module, root: Path, samples: list[Any], manifest: dict[st
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     from worker.artifact import load_float_model
 
-    from .train import get_args_parser as train_args
     from .train import run_training
 
     if args.epochs < 1:
@@ -145,27 +148,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / PRUNED_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    h, w = size
-    parent = manifest.get("training") or {}
     # The trainer's own loop and finish, so the pruned run is calibrated, quantized and evaluated like any other.
-    argv = ["--out", str(args.out), "--split-file", str(args.run / SPLIT_FILE), "--arch", manifest["arch"],
-            "--input-size", f"{h}x{w}", "--weights", str(weights), "--epochs", str(args.epochs),
-            "--min-epochs", str(args.epochs), "--warmup-epochs", "0", "--lr", str(args.lr),
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--parent-version", manifest["version"],
-            "--calib-images", str(args.calib_images)]
-    if manifest.get("attention"):
-        argv += ["--attention", manifest["attention"]]
-    if parent.get("min_crop") is not None:
-        argv += ["--min-crop", str(parent["min_crop"])]
-    if args.int8_backend:
-        argv += ["--int8-backend", args.int8_backend]
-    if not args.quantize:
-        argv += ["--no-quantize"]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if not args.progress:
-        argv += ["--no-progress"]
-    if run_training(train_args().parse_args(argv)) != 0:
+    if run_training(fine_tune_config(args, manifest, weights)) != 0:
         raise RuntimeError("fine-tuning the pruned model failed")
     final = read_manifest(args.out / ARTIFACT_DIR)
     result = json.loads((args.out / "result.json").read_text())
@@ -177,6 +161,21 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
               "pruned_layers": len(final.get("pruned_channels") or {}), "artifact": result["artifact"]}
     (args.out / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def fine_tune_config(args: argparse.Namespace, manifest: dict[str, Any], weights: Path) -> TrainConfig:
+    """The pruned run's training: every epoch runs (no early stop, no warm-up) from the pruned weights."""
+    h, w = manifest["input_size"]
+    parent = manifest.get("training") or {}
+    optional: dict[str, Any] = {}
+    if parent.get("min_crop") is not None:  # the parent's augmentation: it learned the defects at that crop
+        optional["min_crop"] = float(parent["min_crop"])
+    return TrainConfig(
+        out=args.out, split_file=args.run / SPLIT_FILE, arch=manifest["arch"], input_size=f"{h}x{w}",
+        weights=str(weights), attention=manifest.get("attention") or None, epochs=args.epochs,
+        min_epochs=args.epochs, warmup_epochs=0, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        parent_version=manifest["version"], calib_images=args.calib_images, int8_backend=args.int8_backend or None,
+        quantize=args.quantize, threads=args.threads or None, progress=args.progress, **optional)
 
 
 def main(argv: list[str] | None = None) -> int:

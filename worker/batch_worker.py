@@ -29,6 +29,10 @@ batches in hand and recording them when Redis is back. Every call into RQ's inte
 At-least-once: every claimed frame has an RQ execution whose TTL is VQ_HEARTBEAT_TTL; a heartbeat
 thread keeps it alive while its batch is in hand. SIGTERM stops dequeuing, finishes the batches in
 hand, then exits.
+
+Shadow runs (`continual.update --shadow`, worker/shadow.py): a share of batches is handed, already
+decoded, to a candidate model on its own thread once their results are recorded; its answers go to
+Redis statistics only, and nothing it does can fail, change or delay a frame.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from .runtime import InferenceEngine
 from .sample_feed import SampleFeed, SamplingConfig
 from .serializer import MsgpackSerializer
 from .settings import Settings
+from .shadow import ShadowRunner, ShadowWork
 
 log = structlog.get_logger("visionqueue.worker")
 
@@ -80,6 +85,7 @@ class Batch:
     record_attempts: int = 0
     records: list[rq.Record] | None = None  # built once: a retried write sends the same
     drift: DriftStats | None = None  # what the model said, per station, for continual.drift
+    shadow: ShadowWork | None = None  # handed to the shadow candidate once the batch is recorded
 
 
 class BatchWorker(SimpleWorker):
@@ -113,6 +119,7 @@ class BatchWorker(SimpleWorker):
         self.engine: InferenceEngine | None = None
         self._overlap = False
         self._watcher: ModelWatcher | None = None
+        self._shadow: ShadowRunner | None = None
         self._intermediate = IntermediateWatch(self.settings.heartbeat_ttl)
         self._handoff: stdqueue.Queue[Batch | None] = stdqueue.Queue()
         self._finishing: stdqueue.Queue[Batch | None] = stdqueue.Queue()
@@ -199,9 +206,21 @@ class BatchWorker(SimpleWorker):
         self._start_thread(self._finish_loop, "vq-finish")
         self._start_thread(self._heartbeat_loop, "vq-heartbeat")
         if self.settings.model_path is None:  # a local artifact is pinned; the registry's current is followed
-            self._watcher = ModelWatcher(self.settings, self.connection, self.engine.version, self.metrics)
+            self._shadow = self._shadow_runner()
+            self._watcher = ModelWatcher(self.settings, self.connection, self.engine.version, self.metrics,
+                                         shadow=self._shadow)
+            self._watcher.serving_input_size = tuple(self.engine.input_size)
             self._watcher.start()
         log.info("batch worker ready", worker=self.name, queues=self.queue_names(), **self.settings.describe())
+
+    def _shadow_runner(self) -> ShadowRunner | None:
+        """The shadow thread, unless VQ_SHADOW_SHARE=0 keeps this worker out of shadow runs."""
+        if self.settings.shadow_share <= 0:
+            return None
+        # Its own connection pool with timeouts: its statistics never queue behind the hot path's calls.
+        runner = ShadowRunner(with_timeouts(self.connection), self.metrics, self.settings.shadow_share, self.samples)
+        runner.start()
+        return runner
 
     def _start_thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -221,6 +240,8 @@ class BatchWorker(SimpleWorker):
             for thread in others:
                 thread.join(timeout=5)
             self._threads = []
+        if self._shadow is not None:
+            self._shadow.stop()
         if self.samples is not None:
             self.samples.stop()
         if self.engine is not None:
@@ -360,6 +381,8 @@ class BatchWorker(SimpleWorker):
         if old is not None:
             old.close(wait=False)
         self.metrics.set_model(engine.version, engine.precision)
+        if self._watcher is not None:
+            self._watcher.serving_input_size = tuple(engine.input_size)
         self.metrics.model_swaps.labels(outcome="swapped").inc()
         log.info("model swapped", version=engine.version, previous=old.version if old else None)
 
@@ -427,7 +450,12 @@ class BatchWorker(SimpleWorker):
         self.metrics.decode.observe(decode_s)
         self.metrics.inference.observe(infer_s)
         batch.drift = DriftStats(engine.version)
-        for task, image, prediction in zip(decoded, images, engine.predictions(probs), strict=True):
+        predictions = engine.predictions(probs)
+        if self._shadow is not None and self._shadow.wants(engine.version):
+            # References only: the frames stay decoded for the shadow thread, nothing is copied here.
+            batch.shadow = ShadowWork(engine.version, [t.frame for t in decoded], images, predictions,
+                                      engine.class_names)
+        for task, image, prediction in zip(decoded, images, predictions, strict=True):
             batch.drift.add(task.frame["station"], prediction.confidence, prediction.class_index)
             if self.samples is not None:
                 self.samples.offer(task.frame, prediction, image, engine.version, engine.class_names)
@@ -451,12 +479,15 @@ class BatchWorker(SimpleWorker):
                     self.health.call(lambda b=batch: self._finish(b), stop=self._give_up)
                 if batch.drift:
                     self._write_drift(batch)
+                if batch.shadow is not None and self._shadow is not None:
+                    self._shadow.submit(batch.shadow)  # after the record: never part of the frames' latency
             except RedisOutageError as exc:
                 self._fail_fatally(exc)
             except Exception:
                 # The frames stay claimed; their leases expire and recovery runs them again.
                 log.exception("could not record batch outcome; frames will be recovered", size=len(batch.tasks))
             finally:
+                batch.shadow = None  # the shadow thread holds its own reference while it needs the images
                 with self._lock:
                     self._batches.pop(id(batch), None)
                 self._slots.release()

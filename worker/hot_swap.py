@@ -8,11 +8,17 @@ dropped and every result is stamped with the version that made it.
 The watcher owns the swap state: the version in service, the one prepared and not yet taken, and
 the versions refused. A version that fails to load or verify is refused, logged and counted, and
 not tried again; one that could not be fetched because Redis was away is tried again.
+
+With a ShadowRunner (worker/shadow.py) it also follows the shadow pointer `vq:models:shadow`: the
+candidate named there is fetched, verified (signature included) and warmed here, on this thread,
+like a promoted version, then installed for the shadow thread; it is retired when the pointer goes,
+expires or names another version. A candidate that fails here is refused for this worker.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import structlog
 from redis import Redis
@@ -23,18 +29,23 @@ from .redis_health import is_transient
 from .registry import InvalidVersionError, ModelRegistry
 from .runtime import InferenceEngine
 from .settings import Settings
+from .shadow import ShadowRunner, read_spec
 
 log = structlog.get_logger("visionqueue.hot_swap")
 
 
 class ModelWatcher:
-    def __init__(self, settings: Settings, connection: Redis, serving: str, metrics: WorkerMetrics) -> None:
+    def __init__(self, settings: Settings, connection: Redis, serving: str, metrics: WorkerMetrics,
+                 shadow: ShadowRunner | None = None) -> None:
         self.settings = settings
+        self.shadow = shadow
         self.registry = ModelRegistry(connection)
         self.connection = connection
         self.serving = serving
         self.metrics = metrics
         self.refused: set[str] = set()
+        # the served model's input size (set by the BatchWorker): a shadow must take the same frames
+        self.serving_input_size: tuple[int, ...] | None = None
         self._prepared: InferenceEngine | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,6 +84,7 @@ class ModelWatcher:
                 # Returns on a notification, else after the poll interval: either way, check.
                 pubsub.get_message(timeout=self.settings.swap_poll_s)
                 self.check()
+                self.check_shadow()
             except Exception as exc:
                 if not is_transient(exc):
                     log.exception("model watch failed; retrying")
@@ -115,3 +127,29 @@ class ModelWatcher:
         if stale is not None:  # promoted and superseded before the worker took it
             stale.close()
         return engine
+
+    def check_shadow(self) -> None:
+        """Load the shadow pointer's candidate, or retire the one running when the pointer moved on."""
+        if self.shadow is None:
+            return
+        spec = read_spec(self.connection)
+        running = self.shadow.version
+        if running is not None and (spec is None or not spec.live() or spec.version != running
+                                    or running == self.serving):
+            self.shadow.retire("the shadow pointer moved on" if spec is None or spec.version != running
+                               else "the shadow window ended")
+        if spec is None or not self.shadow.wanted(spec, self.serving):
+            return
+        log.info("shadow candidate announced; preparing it", version=spec.version, serving=self.serving)
+        # One decode thread: the shadow engine takes frames the serving engine already decoded.
+        settings = replace(self.settings, decode_threads=1)
+        try:
+            engine = load_engine(settings, self.connection, version=spec.version)
+        except Exception as exc:
+            if is_transient(exc) or (exc.__cause__ is not None and is_transient(exc.__cause__)):
+                log.warning("could not fetch the shadow candidate; will try again", version=spec.version,
+                            error=f"{type(exc).__name__}: {exc}")
+                return
+            self.shadow.refuse(spec.version, f"{type(exc).__name__}: {exc}")
+            return
+        self.shadow.install(spec, engine, self.serving_input_size)

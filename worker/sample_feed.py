@@ -4,7 +4,8 @@ Selection runs on calibrated probabilities, in the inference thread, in microsec
   - `least_confidence` (default): top-1 probability below VQ_SAMPLE_THRESHOLD (0.6)
   - `margin`: top-1 minus top-2 below the threshold
   - `entropy`: normalised entropy above 1 - threshold
-  - plus a random audit share (VQ_SAMPLE_AUDIT_RATE, 1 %) so the store stays representative.
+  - plus a random audit share (VQ_SAMPLE_AUDIT_RATE, 1 %) so the store stays representative,
+  - plus, during a shadow run, the frames a candidate classified differently (`shadow`, worker/shadow.py).
 Everything that touches Redis — fleet-wide quotas (per minute/hour/day and per class per hour),
 near-duplicate suppression per station (a static camera repeats itself: 64-bit difference hashes
 compared with the station's recent ones), the XADD — runs on a capture thread behind a bounded
@@ -155,6 +156,7 @@ class SampleFeed:
         self._rng = random.Random()
         self._minute = 0
         self._offered = 0
+        self._local_quota = threading.Lock()
         # Stations continual.drift asked for more of (`vq:samples:boost`): {station: quota factor}.
         self._boosts: dict[str, float] = {}
         self._boosts_read_at = 0.0
@@ -181,17 +183,32 @@ class SampleFeed:
             strategy = "audit"
         else:
             return
-        minute = int(time.time() // 60)
-        if minute != self._minute:
-            self._minute, self._offered = minute, 0
-        if self._offered >= cfg.per_minute * self._boosts.get(frame["station"], 1.0):
+        self._enqueue(frame, prediction, image, model_version, class_names, strategy,
+                      selection_score(probs, cfg.strategy))
+
+    def offer_disagreement(self, frame: dict[str, Any], prediction: Any, image: np.ndarray, model_version: str,
+                           class_names: list[str]) -> None:
+        """A frame a shadow candidate classified differently (worker/shadow.py): worth a label whatever its
+        confidence. Called from the shadow thread; the same quotas, dedup and backlog bound apply."""
+        self._enqueue(frame, prediction, image, model_version, class_names, "shadow", 1.0)
+
+    def _enqueue(self, frame: dict[str, Any], prediction: Any, image: np.ndarray, model_version: str,
+                 class_names: list[str], strategy: str, score: float) -> None:
+        with self._local_quota:  # the inference and shadow threads both offer
+            minute = int(time.time() // 60)
+            if minute != self._minute:
+                self._minute, self._offered = minute, 0
+            over = self._offered >= self.config.per_minute * self._boosts.get(frame["station"], 1.0)
+            if not over:
+                self._offered += 1
+        if over:
             # The fleet-wide quota can never grant one worker more than this: skip the hashing
             # and the Redis round trip (a drifted model makes nearly every frame a candidate).
             self.metrics.samples.labels(outcome="over_quota").inc()
             return
-        self._offered += 1
-        cand = Candidate(frame, prediction.label, prediction.confidence, [round(float(p), 6) for p in probs],
-                         model_version, class_names, strategy, selection_score(probs, cfg.strategy), image)
+        cand = Candidate(frame, prediction.label, prediction.confidence,
+                         [round(float(p), 6) for p in prediction.probs], model_version, class_names, strategy,
+                         score, image)
         try:
             self._queue.put_nowait(cand)
         except stdqueue.Full:

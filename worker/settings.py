@@ -126,6 +126,9 @@ def _rows() -> tuple[Row, ...]:
             "`vq_model_info`, `vq_model_swaps_total`, `vq_samples_total`", 0, 65535, shown="`0` (off)"),
         Row(W, "swap_poll_s", "VQ_SWAP_POLL_S", "float", 1.0,
             "seconds between checks of the registry's current version (pub/sub is immediate)", 0.05, 3600.0),
+        Row(W, "shadow_share", "VQ_SHADOW_SHARE", "float", 0.25,
+            "share of batches also run through a shadow candidate (`continual.update --shadow`), after their "
+            "results are recorded; the updater's share can only lower it; `0`: never shadow", 0.0, 1.0),
         Row(W, "max_rescues", "VQ_MAX_RESCUES", "int", 3,
             "a frame taken back from dead workers more often than this fails as poison", 1, 100),
         # -- frames (read at import by worker.frames) -----------------------------------------------
@@ -404,6 +407,7 @@ class Settings:
     results_maxlen: int = ROWS["VQ_RESULTS_MAXLEN"].default
     metrics_port: int = ROWS["VQ_METRICS_PORT"].default
     swap_poll_s: float = ROWS["VQ_SWAP_POLL_S"].default
+    shadow_share: float = ROWS["VQ_SHADOW_SHARE"].default
     max_rescues: int = ROWS["VQ_MAX_RESCUES"].default
     redis_outage_s: float = ROWS["VQ_REDIS_OUTAGE_S"].default
     log_format: str = ROWS["VQ_LOG_FORMAT"].default

@@ -12,6 +12,9 @@
     export --doubtful …                   instead of unlabelled frames, the labelled ones the last update
                                           doubted (continual.doubt; held out of training): each entry of
                                           _export.json / each task's data names the given and suggested label
+    export --heatmaps --model DIR …       a Grad-CAM heatmap of what the model looked at beside each frame
+                                          (DIR/_heatmaps/<frame_id>.cam.png, named in _export.json; in Label
+                                          Studio a second image in the task)
     import DIR|FILE [--source-name NAME]  reads a folders tree or a Label Studio export (JSON or JSON_MIN)
                                           back; every label is recorded in the store's label history as set
                                           by NAME (default "review import DIR|FILE")
@@ -42,12 +45,14 @@ UNLABELED = "_unlabeled"
 LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's local-files serving endpoint
 EXIT_CONFLICTS = 3
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
+HEATMAPS = "_heatmaps"
 
 
 def export_folders(samples: list[StoredSample], out: Path, class_names: list[str],
-                   notes: dict[str, dict[str, Any]] | None = None) -> int:
+                   notes: dict[str, dict[str, Any]] | None = None, heatmaps: dict[str, bytes] | None = None) -> int:
     """Images into out/_unlabeled/ for a person to sort; `notes` (frame_id -> fields) are added to
-    each image's entry in out/_export.json (the doubt re-export puts the given and suggested label there)."""
+    each image's entry in out/_export.json (the doubt re-export puts the given and suggested label there).
+    `heatmaps` (frame_id -> PNG) go to out/_heatmaps/<frame_id>.cam.png, beside the image's name."""
     pending = out / UNLABELED
     pending.mkdir(parents=True, exist_ok=True)
     for name in class_names:
@@ -59,12 +64,19 @@ def export_folders(samples: list[StoredSample], out: Path, class_names: list[str
         index[target.name] = {"frame_id": s.frame_id, "predicted": s.predicted, "confidence": s.confidence,
                               "station": s.station, "model_version": s.model_version,
                               **(notes or {}).get(s.frame_id, {})}
+        if heatmaps and s.frame_id in heatmaps:
+            # `_`-prefixed: read_folders skips it, so a heatmap is never read back as a label
+            cam = out / HEATMAPS / f"{s.frame_id}.cam.png"
+            cam.parent.mkdir(exist_ok=True)
+            cam.write_bytes(heatmaps[s.frame_id])
+            index[target.name]["heatmap"] = cam.relative_to(out).as_posix()
     (out / "_export.json").write_text(json.dumps(index, indent=1))
     return len(samples)
 
 
 def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list[str],
-                       notes: dict[str, dict[str, Any]] | None = None, document_root: Path | None = None) -> int:
+                       notes: dict[str, dict[str, Any]] | None = None, document_root: Path | None = None,
+                       heatmaps: dict[str, bytes] | None = None) -> int:
     """out/tasks.json, out/labeling_config.xml and the images under out/images/, for a Label Studio project.
 
     Each task's image is a local-files URL relative to `document_root` (default `out`), the server's
@@ -73,19 +85,29 @@ def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     root = (document_root or out).resolve()
+
+    def url(path: Path) -> str:
+        try:
+            rel = path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            raise ValueError(f"{path} is not under the document root {root}") from None
+        # quote(): a frame id may hold characters ('&', '#', '+') that would cut the query string short.
+        return LOCAL_FILES_URL + quote(rel, safe="/")
+
     tasks = []
     for s in samples:
         target = images / f"{s.frame_id}{s.path.suffix}"
         shutil.copyfile(s.path, target)
-        try:
-            rel = target.resolve().relative_to(root).as_posix()
-        except ValueError:
-            raise ValueError(f"{target} is not under the document root {root}") from None
         task: dict[str, Any] = {
-            # quote(): a frame id may hold characters ('&', '#', '+') that would cut the query string short.
-            "data": {"image": LOCAL_FILES_URL + quote(rel, safe="/"), "frame_id": s.frame_id,
-                     "station": s.station, **(notes or {}).get(s.frame_id, {})},
+            "data": {"image": url(target), "frame_id": s.frame_id, "station": s.station,
+                     **(notes or {}).get(s.frame_id, {})},
         }
+        if heatmaps is not None:
+            # Every task gets the field the config names (an empty one when the frame had no heatmap).
+            cam = images / f"{s.frame_id}.cam.png"
+            if s.frame_id in heatmaps:
+                cam.write_bytes(heatmaps[s.frame_id])
+            task["data"]["heatmap"] = url(cam) if s.frame_id in heatmaps else ""
         if s.predicted:
             task["predictions"] = [{
                 "model_version": s.model_version or "",
@@ -95,16 +117,36 @@ def export_labelstudio(samples: list[StoredSample], out: Path, class_names: list
             }]
         tasks.append(task)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
-    (out / "labeling_config.xml").write_text(labeling_config(class_names))
+    (out / "labeling_config.xml").write_text(labeling_config(class_names, heatmaps is not None))
     return len(samples)
 
 
-def labeling_config(class_names: list[str]) -> str:
-    """The project's labelling config: one image, a single choice among the classes. Class names are
-    attribute-quoted: a name with '&', '<' or '"' would otherwise make the server reject the XML."""
+def labeling_config(class_names: list[str], heatmap: bool = False) -> str:
+    """The project's labelling config: the image (and, with `heatmap`, what the model looked at beside
+    it), a single choice among the classes. Class names are attribute-quoted: a name with '&', '<' or
+    '"' would otherwise make the server reject the XML."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in class_names)
-    return (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" toName="image" '
+    images = '  <Image name="image" value="$image"/>\n'
+    if heatmap:
+        images = ('  <View style="display: flex; gap: 8px">\n  <Image name="image" value="$image"/>\n'
+                  '  <Image name="heatmap" value="$heatmap"/>\n  </View>\n')
+    return (f'<View>\n{images}  <Choices name="label" toName="image" '
             f'choice="single" showInline="true">\n{choices}\n  </Choices>\n</View>\n')
+
+
+def heatmaps_for(samples: list[StoredSample], model: Path) -> dict[str, bytes]:
+    """frame_id -> a Grad-CAM overlay (trainer.explain) of what `model` looked at for its predicted
+    class: the reviewer sees it beside the frame. A frame that cannot be explained gets none."""
+    from trainer.explain import Explainer  # torch: only when heatmaps are asked for
+
+    explainer = Explainer.from_artifact(model)
+    out: dict[str, bytes] = {}
+    for s in samples:
+        try:
+            out[s.frame_id] = explainer.overlay_png(s.path.read_bytes())
+        except Exception as exc:  # one unreadable frame costs its heatmap, not the export
+            print(f"warning: no heatmap for {s.frame_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return out
 
 
 def read_folders(root: Path) -> dict[str, list[str]]:
@@ -236,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="oldest: capture order (default); uncertainty: lowest confidence first; diverse: k-center "
                         "greedy in the model's embedding space over the 3 x budget most uncertain, all stations")
     e.add_argument("--budget", type=int, help="with --select uncertainty|diverse: frames to export (default: --limit)")
-    e.add_argument("--model", help="--select diverse: the current model's artifact folder with float weights")
+    e.add_argument("--model", help="the current model's artifact folder with float weights (`python -m "
+                                   "worker.registry fetch VERSION DIR --float`): for --select diverse and --heatmaps")
+    e.add_argument("--heatmaps", action="store_true",
+                   help="a Grad-CAM heatmap beside each frame (what --model looked at): _heatmaps/ for folders, "
+                        "a second image in each Label Studio task")
     i = sub.add_parser("import")
     i.add_argument("source", help="a folders tree or a Label Studio JSON export")
     i.add_argument("--source-name", help="who set these labels, recorded in the label history (a reviewer's "
@@ -267,12 +313,19 @@ def main(argv: list[str] | None = None) -> int:
             # A doubted label may name a class the model does not know yet: give it its folder too.
             classes += sorted({n["label"] for n in notes.values()} - set(classes))
             out = Path(a.out)
+            heatmaps = None
+            if a.heatmaps:
+                if not a.model:
+                    print("error: --heatmaps needs --model DIR (an artifact folder with float weights: "
+                          "python -m worker.registry fetch VERSION DIR --float)", file=sys.stderr)
+                    return 2
+                heatmaps = heatmaps_for(samples, Path(a.model))
             if a.format == "folders":
-                n = export_folders(samples, out, classes, notes)
+                n = export_folders(samples, out, classes, notes, heatmaps)
             else:
                 try:
                     n = export_labelstudio(samples, out, classes, notes,
-                                           Path(a.document_root) if a.document_root else None)
+                                           Path(a.document_root) if a.document_root else None, heatmaps)
                 except ValueError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2

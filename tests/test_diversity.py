@@ -128,6 +128,33 @@ def test_review_export_select_diverse(tmp_path, artifact, capsys):
     assert "--model" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_review_export_puts_a_heatmap_beside_each_frame(tmp_path, artifact, capsys):
+    """What the model looked at, for the reviewer: folders get _heatmaps/ (never read back as a label),
+    Label Studio tasks a second image that the labelling config shows beside the frame."""
+    make_store(tmp_path / "store").close()
+    base = ["--store", str(tmp_path / "store"), "export", "--limit", "3", "--heatmaps"]
+    assert review.main([*base, "--out", str(tmp_path / "d"), "--model", str(artifact)]) == 0
+    exported = json.loads((tmp_path / "d" / "_export.json").read_text())
+    assert len(exported) == 3
+    for name, entry in exported.items():
+        cam = cv2.imdecode(np.frombuffer((tmp_path / "d" / entry["heatmap"]).read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+        src = cv2.imdecode(np.frombuffer((tmp_path / "d" / "_unlabeled" / name).read_bytes(), np.uint8),
+                           cv2.IMREAD_COLOR)
+        assert cam.shape == src.shape and not np.array_equal(cam, src)  # the frame, with a heatmap over it
+    assert review.read_folders(tmp_path / "d") == {}  # nothing sorted yet: _heatmaps is not a class
+
+    ls = tmp_path / "ls"
+    assert review.main([*base, "--out", str(ls), "--format", "labelstudio", "--model", str(artifact)]) == 0
+    tasks = json.loads((ls / "tasks.json").read_text())
+    assert all(t["data"]["heatmap"].endswith(f"{t['data']['frame_id']}.cam.png") for t in tasks)
+    assert all((ls / "images" / f"{t['data']['frame_id']}.cam.png").is_file() for t in tasks)
+    assert '<Image name="heatmap" value="$heatmap"/>' in (ls / "labeling_config.xml").read_text()
+
+    capsys.readouterr()
+    assert review.main([*base, "--out", str(tmp_path / "x")]) == 2  # no --model: a clear error
+    assert "--heatmaps needs --model" in capsys.readouterr().err
+
+
 def test_diversity_bench_table_and_labels_needed(tmp_path):
     """deploy.diversity_bench's report on made-up rows: labels needed = the smallest budget whose mean over
     seeds reaches the target; a strategy that never does shows '>max'."""

@@ -302,3 +302,43 @@ def test_the_updaters_shadow_step_publishes_unpromoted_waits_and_judges(tmp_path
     assert section["version"] in reg.versions() and reg.current() == v1
     assert section["share"] == 0.5 and section["frames"] == 0
     assert redis_conn.get(SHADOW_KEY) is None
+
+
+def test_the_whole_shadow_run_with_a_live_worker_promotes_a_candidate_that_agrees(tmp_path, redis_url, redis_conn,
+                                                                                  subprocess_env):
+    """The updater's step and a real worker together: frames flow while the window is open, the worker
+    shadows them, the updater reads the counts; a candidate with the served weights never disagrees."""
+    import threading
+
+    from continual.shadow import shadow_step
+
+    reg = ModelRegistry(redis_conn)
+    v1 = reg.publish(artifact(tmp_path / "v1"))
+    proc = start_worker(redis_url, subprocess_env, "w-shadow-e2e", VQ_MODEL_CACHE=str(tmp_path / "cache"),
+                        VQ_SWAP_POLL_S="0.2", VQ_SHADOW_SHARE="1.0")
+    outcome: dict = {}
+    try:
+        assert served_by(redis_conn, 0, timeout=120) == v1
+        offline = Verdict(True, ["all checks passed"], {"new_holdout": {"ok": True}})
+        candidate = artifact(tmp_path / "cand")
+
+        def updater() -> None:
+            with SampleStore(tmp_path / "store") as store:  # SQLite: opened by the thread that uses it
+                outcome["result"] = shadow_step(redis_conn, reg, store, candidate, offline,
+                                                GateConfig(min_shadow_frames=5), minutes=0.4, share=1.0)
+
+        thread = threading.Thread(target=updater)
+        thread.start()
+        queue, jobs, seq = FrameQueue(connection=redis_conn), [], 0
+        while thread.is_alive():  # live traffic for as long as the window is open
+            jobs += enqueue_frames(queue, [make_frame(jpeg(seed=seq), station="cam-0", seq=seq)])
+            seq += 1
+            thread.join(timeout=0.2)
+        wait_for(lambda: finished(jobs), timeout=60, what="the frames")
+    finally:
+        stop_worker(proc)
+    verdict, section = outcome["result"]
+    assert {j.return_value()["model_version"] for j in jobs} == {v1}  # the candidate served nothing
+    assert section["frames"] >= 5 and section["disagree"] == 0, section
+    assert verdict.promote and verdict.checks["shadow_disagreement"]["ok"], verdict.reasons
+    assert redis_conn.get(SHADOW_KEY) is None and reg.current() == v1  # promoting is the caller's step

@@ -157,6 +157,27 @@ def test_a_full_redis_fails_the_whole_call_transiently_and_writes_nothing(redis_
         assert redis_conn.lrange(queue.intermediate_queue_key, 0, -1) == [held.encode()]
 
 
+def test_a_transaction_redis_refuses_when_full_is_transient_too(redis_conn):
+    """RQ's own MULTI calls (is_suspended, on every turn of the work loop) fail under OOM: as the
+    queued command's OutOfMemoryError, or, when Redis refuses the EXEC itself, as ExecAbortError
+    "Transaction discarded because of: OOM …" (the message a chaos soak's worker quit on). Both wait."""
+    from redis.exceptions import ExecAbortError, RedisError
+    from rq.suspension import is_suspended
+
+    redis_conn.set("filler", "x" * 200_000)
+    redis_conn.config_set("maxmemory", 100_000)
+    try:
+        with pytest.raises(RedisError) as caught:
+            is_suspended(redis_conn)
+    finally:
+        redis_conn.config_set("maxmemory", 0)
+    assert is_transient(caught.value)
+    seen = ExecAbortError("Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.")
+    assert is_transient(seen)
+    assert not is_transient(ExecAbortError("Transaction discarded because of: ERR unknown command 'FOO'"))
+    assert not is_transient(ExecAbortError("Transaction discarded because of previous errors."))
+
+
 def test_leases_are_renewed_only_where_they_still_exist(redis_conn):
     queue, _ = _queue(redis_conn, 2)
     claims = rq.claim_batch(redis_conn, queue, "w1", [], 2, 5, MsgpackSerializer)

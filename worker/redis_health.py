@@ -59,8 +59,11 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, rex.ResponseError):
         text = str(exc)
-        # A pipeline's error is annotated "Command # 3 (…) of pipeline caused error: OOM …".
-        text = text.rsplit("caused error: ", 1)[-1]
+        # A pipeline's error is annotated "Command # 3 (…) of pipeline caused error: OOM …", and a
+        # MULTI that Redis refused as a whole (ExecAbortError, e.g. RQ's is_suspended under OOM) reads
+        # "Transaction discarded because of: OOM …": the cause is the code after either.
+        for marker in ("caused error: ", "because of: "):
+            text = text.rsplit(marker, 1)[-1]
         return text.split(" ", 1)[0] in _TRANSIENT_CODES
     return False
 

@@ -149,7 +149,8 @@ def start_server(venv: Path, data_dir: Path, document_root: Path, port: int, tok
     })
     cmd = [str(venv / "bin" / "label-studio"), "start", "--no-browser", "--data-dir", str(data_dir),
            "--internal-host", "127.0.0.1", "--port", str(port), "--username", USER,
-           "--password", secrets.token_urlsafe(16), "--user-token", token,
+           # `--opt=value`: a random token may start with "-", which argparse would take for an option
+           f"--password={secrets.token_urlsafe(16)}", f"--user-token={token}",
            # The SDK's plain `Token` auth: new organisations get only JWT personal tokens otherwise,
            # and those can only be made by hand in the UI.
            "--enable-legacy-api-token"]

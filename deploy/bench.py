@@ -5,7 +5,10 @@ On the same model and the same 640x480 JPEG frames, in one run:
   2. in-process loop       decode + forward with no Redis (sequential, and overlapped the way the
                            BatchWorker overlaps them), as one process using every core and as one
                            single-threaded process per core side by side: the better is the limit
-  3. full path             loadgen process -> Redis -> `rq worker -w worker.BatchWorker` (one per core)
+  3. full path             loadgen process -> Redis -> `rq worker -w worker.BatchWorker` (one per core),
+                           with the CPU per frame of the workers, redis-server and the load generator;
+                           then again with the queue filled first (the producer off these cores, as
+                           on capture stations)
   4. naive baseline        loadgen process -> Redis -> plain `rq worker -w rq.worker.SimpleWorker`
                            (as many), one frame per job, model cached in the process
   5. latency               capture->result p50/p95/p99 with frames paced at 30/50/70/90 % of (3)
@@ -25,12 +28,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from redis import Redis
 from rq.registry import FinishedJobRegistry
 
 from worker.jobs import RESULTS_STREAM
 from worker.redis_server import RedisServer
 
+from .plumbing import Drain
 from .workers import BATCH_WORKER, start_worker, stop_worker, wait_registered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +104,11 @@ def in_process(engine, frames: list[bytes], batch: int, seconds: float) -> dict[
 class Stack:
     """A redis-server, worker processes, and a way to run the load generator against them."""
 
-    def __init__(self, redis_url: str, env: dict[str, str]) -> None:
+    def __init__(self, redis_url: str, env: dict[str, str], redis_pid: int | None = None) -> None:
         self.url = redis_url
         self.conn = Redis.from_url(redis_url)
         self.env = env
+        self.redis = [psutil.Process(redis_pid)] if redis_pid else []  # its CPU is counted where it is known
         self.workers: list[subprocess.Popen] = []
 
     def start_workers(self, args: list[str], name: str, n: int) -> None:
@@ -117,30 +123,34 @@ class Stack:
         self.workers = []
         self.conn.flushdb()
 
-    def loadgen(self, n: int, rate: float | None = None) -> subprocess.Popen:
+    def loadgen(self, n: int, rate: float | None = None, max_depth: int | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "deploy.loadgen", "--redis-url", self.url, "--n", str(n)]
         if rate:
             cmd += ["--rate", f"{rate:.2f}"]
+        if max_depth:
+            cmd += ["--max-depth", str(max_depth), "--chunk", "64"]
         return subprocess.Popen(cmd, env=self.env, cwd=ROOT)
 
-    def throughput(self, n: int) -> float:
-        """Frames/s while the middle 80 % of `n` frames finish (startup and drain excluded)."""
+    def throughput(self, n: int, producer_first: bool = False) -> dict[str, float]:
+        """Frames/s while the middle 80 % of `n` frames finish, and where the cores went meanwhile.
+
+        `producer_first`: the load generator enqueues every frame at once, and only what finishes after
+        it exited counts: the workers and Redis alone on the cores, as when producers run on capture
+        stations. Otherwise it keeps the queue about four batches deep while the workers drain it.
+        """
         self.conn.delete(RESULTS_STREAM)
-        finished = FinishedJobRegistry("inference", connection=self.conn)
-        base = finished.count
-        gen = self.loadgen(n)
-        marks: dict[int, float] = {}
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            done = finished.count - base
-            for pct in (10, 90):
-                if pct not in marks and done >= n * pct / 100:
-                    marks[pct] = time.perf_counter()
-            if done >= n:
-                break
-            time.sleep(0.02)
+        base = FinishedJobRegistry("inference", connection=self.conn).count
+        gen = self.loadgen(n, max_depth=n if producer_first else None)
+        procs = {"workers": [psutil.Process(p.pid) for p in self.workers], "redis": self.redis}
+        if producer_first:
+            gen.wait()
+            now = FinishedJobRegistry("inference", connection=self.conn).count
+            n, base = n - (now - base), now
+        else:  # not reaped until the end, so its CPU stays readable after it exits
+            procs["producer"] = [psutil.Process(gen.pid)]
+        figures = Drain(self.conn, "inference", n, procs, base=base).run(600)
         gen.wait()
-        return 0.8 * n / (marks[90] - marks[10])
+        return figures
 
     def latency(self, rate: float, seconds: float) -> dict[str, float]:
         """Capture->result percentiles with frames paced open-loop at `rate`."""
@@ -263,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                VQ_DECODE_THREADS=str(a.decode_threads), VQ_MAX_BATCH=str(a.batch), VQ_LOG_LEVEL="warning",
                OMP_NUM_THREADS=str(a.threads))
     with RedisServer() as server:
-        stack = Stack(server.url, env)
+        stack = Stack(server.url, env, redis_pid=server.proc.pid)
         stack.start_workers(BATCH_WORKER, "bench-batch", a.workers)
         stack.throughput(min(a.n, 400))  # warm-up
-        figures["full_path"] = stack.throughput(a.n)
+        path = stack.throughput(a.n)
+        figures["full_path"] = path["frames_per_s"]
         print(f"  {'full path (' + str(a.workers) + ' BatchWorkers)':40s} {figures['full_path']:8.1f} frames/s")
+        alone = stack.throughput(a.n, producer_first=True)
+        figures["full_path_producer_elsewhere"] = alone["frames_per_s"]
+        print(f"  {'  the same, queue filled first':40s} {alone['frames_per_s']:8.1f} frames/s")
         latency = {}
         for load in (0.3, 0.5, 0.7, 0.9):
             row = stack.latency(load * figures["full_path"], a.latency_seconds)
@@ -277,12 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop_workers()
         stack.start_workers(["--worker-class", "rq.worker.SimpleWorker", "-S", "worker.serializer.MsgpackSerializer",
                              "-j", "worker.jobs.FrameJob"], "bench-naive", a.workers)
-        figures["naive"] = stack.throughput(a.naive_n)
+        figures["naive"] = stack.throughput(a.naive_n)["frames_per_s"]
         print(f"  {'naive per-frame workers (' + str(a.workers) + ')':40s} {figures['naive']:8.1f} frames/s")
         stack.stop_workers()
 
+    # Where a full-path frame's CPU goes, against the in-process loop's (every core busy: cores / limit).
+    cpu = {"in_process_loop_ms": 1000 * cores / limit, "workers_ms": path["workers_cpu_ms_per_frame"],
+           "redis_server_ms": path["redis_cpu_ms_per_frame"], "producer_ms": path["producer_cpu_ms_per_frame"],
+           "cores_idle_share": path["idle_share"]}
+    print(f"  CPU per frame on the full path: workers {cpu['workers_ms']:.2f} ms (the in-process loop "
+          f"{cpu['in_process_loop_ms']:.2f}), redis-server {cpu['redis_server_ms']:.2f}, producer "
+          f"{cpu['producer_ms']:.2f}; cores idle {100 * cpu['cores_idle_share']:.1f} %")
     ratios = {
         "full_path / in_process_limit": figures["full_path"] / limit,
+        "full_path, queue filled first / limit": figures["full_path_producer_elsewhere"] / limit,
         "full_path / naive": figures["full_path"] / figures["naive"],
         "in_process_limit / model_only": limit / model_only,
     }
@@ -290,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:40s} {value:8.2f}x")
     report = {"arch": a.arch, "input": a.size, "precision": "int8", "batch": a.batch, "workers": a.workers,
               "threads_per_worker": a.threads, "figures": figures, "in_process_limit": limit, "ratios": ratios,
+              "cpu_per_frame": cpu,
               "latency": {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in latency.items()}}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     plot_latency(latency, out / "latency.png")

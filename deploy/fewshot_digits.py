@@ -70,8 +70,9 @@ def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int,
     """continual.update's fine-tune on the 5 examples: grown head, balanced replay, the updater's recipe."""
     from continual import update
     from continual.dataset import _balanced, _link
+    from trainer.config import TrainConfig
     from trainer.data import Sample, Split, load_split, save_split
-    from trainer.train import get_args_parser, run_training
+    from trainer.train import run_training
     from worker.artifact import read_manifest
 
     base = load_split(base_run / "split.json")
@@ -91,12 +92,12 @@ def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int,
                   {"train": train, "val": rebased(base["val"]), "test": rebased(base["test"])})
     save_split(split, out / "split.json")
     grown = update.grow_head(base_run / "artifact", manifest, classes, out / "grown.safetensors")
-    argv = ["--out", str(out / "train"), "--split-file", str(out / "split.json"), "--arch", manifest["arch"],
-            "--input-size", str(SIZE), "--weights", str(grown), "--epochs", str(epochs), "--lr", str(update.LR),
-            "--warmup-epochs", str(update.WARMUP_EPOCHS), "--min-epochs", str(min(update.MIN_EPOCHS, epochs)),
-            "--patience", str(update.PATIENCE), "--select-by", update.SELECT_BY, "--seed", str(seed),
-            "--batch-size", "32", "--threads", str(threads), "--no-progress", "--no-quantize"]
-    if run_training(get_args_parser().parse_args(argv)) != 0:
+    config = TrainConfig(
+        out=out / "train", split_file=out / "split.json", arch=manifest["arch"], input_size=str(SIZE),
+        weights=str(grown), epochs=epochs, lr=update.LR, warmup_epochs=update.WARMUP_EPOCHS,
+        min_epochs=min(update.MIN_EPOCHS, epochs), patience=update.PATIENCE, select_by=update.SELECT_BY,
+        seed=seed, batch_size=32, threads=threads, progress=False, quantize=False)
+    if run_training(config) != 0:
         raise RuntimeError("the full fine-tune failed")
     return out / "train" / "artifact"
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from redis import Redis
 
     from continual.fewshot import add_class
-    from trainer.train import main as train_main
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
     from worker.artifact import read_manifest
     from worker.logs import configure_logging
     from worker.redis_server import RedisServer
@@ -140,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     base_run = out / "base"
-    code = train_main(["--data", str(out / "digits" / "known"), "--out", str(base_run), "--arch", "resnet18",
-                       "--weights", "none", "--input-size", str(SIZE), "--epochs", str(args.epochs),
-                       "--batch-size", "64", "--select-by", "accuracy", "--threads", str(args.threads),
-                       "--int8-backend", "fx-x86", "--no-progress", "--seed", str(args.seed)])
+    code = run_training(TrainConfig(
+        data=out / "digits" / "known", out=base_run, arch="resnet18", weights="none", input_size=str(SIZE),
+        epochs=args.epochs, batch_size=64, select_by="accuracy", threads=args.threads, int8_backend="fx-x86",
+        progress=False, seed=args.seed))
     if code != 0:
         return code
     timings["base_training_s"] = time.perf_counter() - t0

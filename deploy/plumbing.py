@@ -17,6 +17,7 @@ intermediate list empty, each job finished with a readable result, one stream en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -68,34 +69,50 @@ def fill_plain(conn: Redis, images: list[bytes], n: int, chunk: int = 500) -> No
 
 
 class Drain:
-    """Frames/s and CPU per frame of `proc` (and of redis-server) while a filled queue drains."""
+    """Frames/s while `n` frames finish (the middle 80 %), and the CPU per frame of each named group of
+    processes over the same span (deploy.bench reads the cores' idle share from it too)."""
 
-    def __init__(self, conn: Redis, queue: str, n: int, worker: psutil.Process, redis: psutil.Process) -> None:
+    def __init__(self, conn: Redis, queue: str, n: int, procs: dict[str, list[psutil.Process]], base: int = 0) -> None:
         self.finished = FinishedJobRegistry(queue, connection=conn)
-        self.n, self.worker, self.redis = n, worker, redis
+        self.n, self.procs, self.base = n, procs, base  # base: frames already in the registry before these
+        self._last: dict[int, float] = {}
 
     @staticmethod
     def _cpu(proc: psutil.Process) -> float:
         t = proc.cpu_times()
         return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
 
+    def _snapshot(self) -> dict[str, float]:
+        cpu = {}
+        for name, procs in self.procs.items():
+            total = 0.0
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):  # reaped: no more than when last seen
+                    self._last[proc.pid] = self._cpu(proc)
+                total += self._last.get(proc.pid, 0.0)
+            cpu[name] = total
+        times = psutil.cpu_times()
+        cpu["idle"], cpu["all"] = times.idle + getattr(times, "iowait", 0.0), sum(times)
+        return cpu
+
     def run(self, timeout: float) -> dict[str, float]:
-        marks: dict[int, tuple[float, int, float, float]] = {}
+        marks: dict[int, tuple[float, int, dict[str, float]]] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = self.finished.count
+            done = self.finished.count - self.base
             for pct in (10, 90):
                 if pct not in marks and done >= self.n * pct / 100:
-                    marks[pct] = (time.perf_counter(), done, self._cpu(self.worker), self._cpu(self.redis))
+                    marks[pct] = (time.perf_counter(), done, self._snapshot())
             if done >= self.n:
                 break
             time.sleep(0.01)
         else:
-            raise RuntimeError(f"{self.finished.count} of {self.n} frames finished within {timeout:.0f}s")
-        (t0, d0, w0, r0), (t1, d1, w1, r1) = marks[10], marks[90]
+            raise RuntimeError(f"{self.finished.count - self.base} of {self.n} frames finished within {timeout:.0f}s")
+        (t0, d0, c0), (t1, d1, c1) = marks[10], marks[90]
         frames = d1 - d0
-        return {"frames_per_s": frames / (t1 - t0), "worker_cpu_ms_per_frame": 1000 * (w1 - w0) / frames,
-                "redis_cpu_ms_per_frame": 1000 * (r1 - r0) / frames}
+        out = {"frames_per_s": frames / (t1 - t0), "idle_share": (c1["idle"] - c0["idle"]) / (c1["all"] - c0["all"])}
+        out.update({f"{name}_cpu_ms_per_frame": 1000 * (c1[name] - c0[name]) / frames for name in self.procs})
+        return out
 
 
 def stage_cpu(port: int) -> dict[str, float]:
@@ -147,7 +164,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         proc = start_worker(server.url, "plumbing-plain", env, ["--worker-class", "rq.worker.SimpleWorker", "-S",
                                                                 "worker.serializer.MsgpackSerializer"],
                             output=subprocess.DEVNULL, queue=PLAIN_QUEUE)
-        report["plain_rq"] = Drain(conn, PLAIN_QUEUE, a.naive_n, psutil.Process(proc.pid), redis_proc).run(600)
+        report["plain_rq"] = Drain(conn, PLAIN_QUEUE, a.naive_n,
+                                    {"worker": [psutil.Process(proc.pid)], "redis": [redis_proc]}).run(600)
         stop_worker(proc)
         conn.flushdb()
 
@@ -155,7 +173,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         proc = start_worker(server.url, "plumbing-batch", dict(env, VQ_METRICS_PORT=str(port)), BATCH_WORKER,
                             output=subprocess.DEVNULL)
-        report["batch_worker"] = Drain(conn, QUEUE_NAME, a.n, psutil.Process(proc.pid), redis_proc).run(600)
+        report["batch_worker"] = Drain(conn, QUEUE_NAME, a.n,
+                                        {"worker": [psutil.Process(proc.pid)], "redis": [redis_proc]}).run(600)
         wait_registered(conn, proc, "plumbing-batch")
         stages = stage_cpu(port)
         report["stage_cpu_ms_per_frame"] = {s: 1000 * stages.get(s, 0.0) / a.n for s in STAGES}

@@ -288,7 +288,13 @@ def test_keda_authenticates_as_its_own_user():
 def test_image_installs_only_the_hashed_lock_from_pypi_and_runs_as_non_root():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "--extra-index-url" not in dockerfile and "--index-url" not in dockerfile
-    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in dockerfile
+    assert "pip install --require-hashes --no-deps --no-build-isolation -r /tmp/requirements.lock" in dockerfile
+    # An sdist in the lock (grad-cam) is built with the lock's hashed setuptools, installed first,
+    # never with build tools pip would fetch unhashed into an isolated build environment.
+    build_tools = re.search(r"sed -n '/\^setuptools==/,/# via/p' /tmp/requirements.lock > (\S+)", dockerfile)
+    assert build_tools, "the Dockerfile should install the lock's setuptools before the lock"
+    assert f"pip install --require-hashes --no-deps -r {build_tools[1]}" in dockerfile
+    assert re.search(r"^setuptools==", (DEPLOY / "requirements.lock").read_text(), flags=re.M)
     assert "pip install --no-deps --no-build-isolation ." in dockerfile
     # Every base image ships the Python the project needs (no apt-get of a python3.X a distro lacks).
     bases = re.findall(r"^FROM (\S+)", dockerfile, flags=re.M)

@@ -132,6 +132,31 @@ def test_an_oversized_job_hash_is_claimed_with_its_defect_and_never_fetched(redi
     assert job.data == b""
 
 
+def test_an_oversized_image_is_refused_by_the_claim_without_being_read(redis_conn):
+    from worker.jobs import MAX_DATA_BYTES
+
+    queue, [job_id] = _queue(redis_conn, 1)
+    redis_conn.hset(FrameJob.key_for(job_id), "data", b"\xff" * (MAX_DATA_BYTES + 1))
+    [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
+    assert job.defects == [f"job hash field data is {MAX_DATA_BYTES + 1} bytes (limit {MAX_DATA_BYTES})"]
+    assert job.data == b""
+
+
+def test_an_image_changed_after_the_claim_checked_it_fails_its_own_frame(redis_conn):
+    """The claim checks each image's size in Redis and reads it afterwards: what changes in between is
+    still caught, on this frame alone."""
+    from worker.jobs import MAX_DATA_BYTES
+
+    queue, ids = _queue(redis_conn, 3)
+    hashes = [(job_id, [b"status", b"started", b"origin", b"inference"]) for job_id in ids]
+    redis_conn.hdel(FrameJob.key_for(ids[0]), "data")
+    redis_conn.hset(FrameJob.key_for(ids[1]), "data", b"\xff" * (MAX_DATA_BYTES + 1))
+    gone, huge, fine = rq._restore_all(redis_conn, hashes, MsgpackSerializer)
+    assert gone.defects == ["the job hash has no data"]
+    assert huge.defects == [f"job data is {MAX_DATA_BYTES + 1} bytes, over the limit of {MAX_DATA_BYTES}"]
+    assert fine.defects == [] and fine.args[0]["id"] == ids[2]
+
+
 @pytest.mark.parametrize("script", ["claim", "record"])
 def test_a_full_redis_fails_the_whole_call_transiently_and_writes_nothing(redis_conn, script):
     queue, ids = _queue(redis_conn, 2)

@@ -71,6 +71,7 @@ SELECT_BY = "accuracy"
 LR = 3e-4
 WARMUP_EPOCHS = 1
 FREEZE_BN = False
+EMA_DECAY = 0.0
 DOUBT_FOLDS = 5
 
 
@@ -102,6 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep the current model's batch-norm statistics")
     g.add_argument("--min-crop", type=float,
                    help="RandomResizedCrop's smallest area share (default: the current model's own training value)")
+    g.add_argument("--ema-decay", type=float, default=EMA_DECAY,
+                   help="judge and keep an exponential moving average of the weights with this decay per step "
+                        "(0: off, the raw weights)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--tolerance", type=float, default=gate.tolerance,
@@ -392,6 +396,8 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
         optional.update(int8_backend=backend, int8_max_drop=args.max_int8_drop)
     else:
         optional["quantize"] = False
+    if args.ema_decay > 0:
+        optional.update(ema=True, ema_decay=args.ema_decay)
     config = TrainConfig(
         out=run / "train", split_file=run / "split.json", arch=manifest["arch"], input_size=f"{h}x{w}",
         weights=str(weights), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,

@@ -61,9 +61,11 @@ class SimulatedCamera:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def switch(self, images: list[tuple[Path, str]], condition: str) -> None:
+    def switch(self, images: list[tuple[Path, str]], condition: str, fps: float | None = None) -> None:
+        """Film `images` under `condition` from the next frame on (at `fps` when given)."""
         with self._lock:
             self.images, self.condition = images, condition
+            self.fps = fps or self.fps
 
     def _run(self) -> None:
         i = 0
@@ -71,7 +73,7 @@ class SimulatedCamera:
         while not self._stop.is_set():
             with self._lock:
                 path, truth = self.images[(i + self._offset) % len(self.images)]
-                condition = self.condition
+                condition, fps = self.condition, self.fps
             try:
                 job_id = self._producer.submit_bytes(path.read_bytes(), seq=i,
                                                      meta={"truth": truth, "condition": condition})
@@ -79,5 +81,5 @@ class SimulatedCamera:
             except BacklogFull:
                 self.skipped += 1
             i += 1
-            next_at += 1.0 / self.fps
+            next_at += 1.0 / fps
             self._stop.wait(max(0.0, next_at - time.monotonic()))

@@ -52,17 +52,17 @@ class Profile:
     min_labels: int
     update_epochs: int
     replay: int
-    phase_c_s: float
     fps: float
+    eval_fps: float  # per camera after the swap: each evaluation image is sent once
 
 
 # FULL: 320 labels, because recovery grows with them (deploy/diversity_bench.py: 20 → 62 %, 40 → 71 %,
 # 179 → 89.5 % on unseen night frames) and 800 night images to capture them from; 400 unseen images per
 # condition to judge by, so that one image is a quarter of a point.
 FULL = Profile(train_images=1400, stream_images=800, eval_images=400, size=96, epochs=16, phase_a_s=25, min_labels=400,
-               update_epochs=12, replay=400, phase_c_s=50, fps=8)
+               update_epochs=12, replay=400, fps=8, eval_fps=32)
 QUICK = Profile(train_images=600, stream_images=200, eval_images=100, size=64, epochs=12, phase_a_s=12, min_labels=80,
-                update_epochs=5, replay=200, phase_c_s=20, fps=6)
+                update_epochs=5, replay=200, fps=6, eval_fps=10)
 
 
 def say(msg: str) -> None:
@@ -229,11 +229,12 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
             monitor.mark(f"swap: workers serve {v2}")
         # 7. after the swap, on images never streamed before: one line stays in the drifted conditions,
         #    the other goes back to default
-        cams[0].switch(labelled_images(work / f"eval-{DRIFT}"), DRIFT)
-        cams[1].switch(labelled_images(work / "eval-default"), "default")
+        #    The line speeds up here: judging needs each evaluation image once, not line-speed minutes.
+        cams[0].switch(labelled_images(work / f"eval-{DRIFT}"), DRIFT, fps=prof.eval_fps)
+        cams[1].switch(labelled_images(work / "eval-default"), "default", fps=prof.eval_fps)
         monitor.phase = "after the update" if v2 != v1 else "after a rejected update"
         swap_time = time.time()
-        _watch(monitor, view, prof.phase_c_s)
+        _watch(monitor, view, prof.eval_images / prof.eval_fps)
         for cam in cams:
             cam.stop()
         deadline = time.time() + 60

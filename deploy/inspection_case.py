@@ -58,13 +58,13 @@ QUICK = Setting(n=2000, input_size=64, epochs=8, max_minutes=0.5, batch1_frames=
 @dataclass(frozen=True)
 class Config:
     name: str
-    flags: tuple[str, ...] = field(default_factory=tuple)
+    options: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields on top of the recipe
 
 
 CONFIGS = (
     Config("recipe"),
-    Config("focal+balanced", ("--focal-loss", "--balanced-sampling")),
-    Config("focal+balanced+se", ("--focal-loss", "--balanced-sampling", "--attention", "se")),
+    Config("focal+balanced", {"focal_loss": True, "balanced_sampling": True}),
+    Config("focal+balanced+se", {"focal_loss": True, "balanced_sampling": True, "attention": "se"}),
 )
 
 
@@ -85,15 +85,16 @@ def synthesize(data: Path, n: int, seed: int) -> Path:
 
 
 def train(data: Path, run: Path, config: Config, setting: Setting) -> float:
-    """Train one configuration with the trainer's own CLI; returns the wall seconds it took."""
-    from trainer.train import main as train_main
+    """Train one configuration with the trainer's recipe; returns the wall seconds it took."""
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
 
-    argv = ["--data", str(data), "--out", str(run), "--arch", setting.arch, "--weights", "none",
-            "--input-size", str(setting.input_size), "--epochs", str(setting.epochs),
-            "--max-minutes", str(setting.max_minutes), "--seed", str(setting.seed), "--no-progress", *config.flags]
+    options = TrainConfig(data=data, out=run, arch=setting.arch, weights="none", input_size=str(setting.input_size),
+                          epochs=setting.epochs, max_minutes=setting.max_minutes, seed=setting.seed,
+                          progress=False, **config.options)
     t0 = time.perf_counter()
-    if train_main(argv) != 0:
-        raise RuntimeError(f"training {config.name} failed (argv: {' '.join(argv)})")
+    if run_training(options) != 0:
+        raise RuntimeError(f"training {config.name} failed ({config.options})")
     return time.perf_counter() - t0
 
 
@@ -197,7 +198,7 @@ def run_case(out: Path, setting: Setting, data: Path | None = None,
         run = out / "runs" / config.name.replace("+", "_")
         seconds = train(data, run, config, setting)
         result = json.loads((run / "result.json").read_text())
-        runs[config.name] = {"run": str(run), "flags": list(config.flags),
+        runs[config.name] = {"run": str(run), "options": config.options,
                              "train_and_finish_seconds": round(seconds, 1), "result": result}
         for tta in TTA_VARIANTS:
             q = quality(run, tta)
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2,000 images, 64 px, 30 s of training per run")
     p.add_argument("--n", type=int, help="images to synthesize (default 10,000; --quick 2,000)")
     p.add_argument("--input-size", type=int, help="input side in px (default 96; --quick 64)")
+    p.add_argument("--epochs", type=int, help="the cosine schedule's length per run (default 30; --quick 8); "
+                                              "size it to fit --max-minutes, which stops a run mid-schedule")
     p.add_argument("--max-minutes", type=float, help="training minutes per run (default 3; --quick 0.5)")
     p.add_argument("--data", type=Path, help="reuse (or write) the synthetic set here (default OUT/data)")
     p.add_argument("--out", type=Path, help="default runs/inspection[-quick]")
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else Setting()
-    overrides = {k: v for k, v in (("n", args.n), ("input_size", args.input_size),
+    overrides = {k: v for k, v in (("n", args.n), ("input_size", args.input_size), ("epochs", args.epochs),
                                    ("max_minutes", args.max_minutes)) if v is not None}
     setting = Setting(**{**asdict(setting), **overrides})
     out = args.out or Path("runs/inspection-quick" if args.quick else "runs/inspection")

@@ -50,6 +50,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def test_an_int8_export_needs_no_earlier_export(run: Path) -> None:
+    out = run / "elsewhere" / "model-int8.onnx"  # a folder nothing has made yet
+    assert export_main(["--run", str(run), "--int8", "--calib-images", "16", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
 def test_fp32_and_int8_exports_agree_with_pytorch_and_report_it(run: Path, capsys) -> None:
     assert export_main(["--run", str(run), "--format", "onnx"]) == 0
     fp32 = json.loads((run / "export" / "model.json").read_text())

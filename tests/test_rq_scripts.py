@@ -147,7 +147,7 @@ def test_an_image_changed_after_the_claim_checked_it_fails_its_own_frame(redis_c
     still caught, on this frame alone."""
     from worker.jobs import MAX_DATA_BYTES
 
-    queue, ids = _queue(redis_conn, 3)
+    _, ids = _queue(redis_conn, 3)
     hashes = [(job_id, [b"status", b"started", b"origin", b"inference"]) for job_id in ids]
     redis_conn.hdel(FrameJob.key_for(ids[0]), "data")
     redis_conn.hset(FrameJob.key_for(ids[1]), "data", b"\xff" * (MAX_DATA_BYTES + 1))

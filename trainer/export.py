@@ -168,6 +168,7 @@ def export_run(run: Path | str | None, artifact: Path | str, out: Path | str, in
     """Export, (quantize), check against PyTorch on the test split, write the report; returns it."""
     require_onnx(runtime=True)
     artifact, out = Path(artifact), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the int8 path writes `out` itself, not through export_onnx
     t0 = time.perf_counter()
     if int8:
         if run is None:

@@ -45,8 +45,9 @@ TERMINAL = frozenset({JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatu
 
 # Reads one job hash without trusting it (shared by every script here): the hash is size-checked
 # before a byte of it leaves Redis. Returns a code and a value: 0 missing; 1 not a hash (reason);
-# 2 a hash over its bounds (reason); 3 the flat field list, plus its status and whether it carries
-# a forbidden field. A separate `:dependents` set is reported as if it were a field.
+# 2 a hash over its bounds (reason); 3 the flat field list (without a `data` over INLINE_DATA bytes,
+# which `_restore_all` reads), plus its status and whether it carries a forbidden field. A separate
+# `:dependents` set is reported as if it were a field.
 _READ_JOB = """
 local INLINE_DATA = 8192
 local function read_job(key, max_data, max_field, max_fields, forbidden)

@@ -25,18 +25,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import psutil
 from redis import Redis
-from rq.registry import FinishedJobRegistry
+from rq import Worker
+from rq.suspension import resume, suspend
 
 from worker.jobs import RESULTS_STREAM
 from worker.redis_server import RedisServer
 
 from .plumbing import Drain
-from .workers import BATCH_WORKER, start_worker, stop_worker, wait_registered
+from .workers import BATCH_WORKER, pythonpath, start_worker, stop_worker, wait_registered
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,25 +134,40 @@ class Stack:
         return subprocess.Popen(cmd, env=self.env, cwd=ROOT)
 
     def throughput(self, n: int, producer_first: bool = False) -> dict[str, float]:
-        """Frames/s while the middle 80 % of `n` frames finish, and where the cores went meanwhile.
+        """Frames/s while the middle 80 % of `n` frames end, and where the cores went meanwhile.
 
-        `producer_first`: the load generator enqueues every frame at once, and only what finishes after
-        it exited counts: the workers and Redis alone on the cores, as when producers run on capture
+        `producer_first`: the workers are suspended (`rq suspend`) while the load generator enqueues every
+        frame, then resumed together: the workers and Redis alone, as when producers run on capture
         stations. Otherwise it keeps the queue about four batches deep while the workers drain it.
         """
         self.conn.delete(RESULTS_STREAM)
-        base = FinishedJobRegistry("inference", connection=self.conn).count
-        gen = self.loadgen(n, max_depth=n if producer_first else None)
         procs = {"workers": [psutil.Process(p.pid) for p in self.workers], "redis": self.redis}
+        drain = Drain(self.conn, "inference", n, procs, watch=self.workers)
+        drain.base = drain.ended()
         if producer_first:
+            self._suspended_while(lambda: self.loadgen(n, max_depth=n).wait())
+            return drain.run(600)
+        gen = self.loadgen(n)
+        procs["producer"] = [psutil.Process(gen.pid)]  # not reaped until the end: its CPU stays readable
+        try:
+            return drain.run(600)
+        finally:
+            gen.kill()
             gen.wait()
-            now = FinishedJobRegistry("inference", connection=self.conn).count
-            n, base = n - (now - base), now
-        else:  # not reaped until the end, so its CPU stays readable after it exits
-            procs["producer"] = [psutil.Process(gen.pid)]
-        figures = Drain(self.conn, "inference", n, procs, base=base).run(600)
-        gen.wait()
-        return figures
+
+    def _suspended_while(self, fn: Callable[[], object]) -> None:
+        """Run `fn` with every worker suspended (each seen in the SUSPENDED state), then resume them all."""
+        names = {w.name for w in Worker.all(connection=self.conn)}
+        suspend(self.conn)
+        try:
+            deadline = time.monotonic() + 60
+            while {w.name for w in Worker.all(connection=self.conn) if w.get_state() == "suspended"} != names:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not all suspend within 60 s")
+                time.sleep(0.05)
+            fn()
+        finally:
+            resume(self.conn)
 
     def latency(self, rate: float, seconds: float) -> dict[str, float]:
         """Capture->result percentiles with frames paced open-loop at `rate`."""
@@ -165,8 +182,12 @@ class Stack:
                    if fields.get(b"status") == b"ok"]
         lat = np.array([r["timings"]["end_to_end_ms"] for r in results])
         sizes = np.array([r["timings"]["batch_size"] for r in results])
-        return {"rate_fps": rate, "frames": len(results), "p50_ms": float(np.percentile(lat, 50)),
-                "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+        captured = np.array([r["ts"] for r in results])
+        # a producer that cannot keep the pace sends slower than asked: the load measured is what it sent
+        sent_fps = (len(captured) - 1) / max(np.ptp(captured), 1e-9) if len(captured) > 1 else 0.0
+        return {"rate_fps": rate, "sent_fps": float(sent_fps), "frames": len(results),
+                "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                "p99_ms": float(np.percentile(lat, 99)),
                 "mean_batch": float(sizes.mean()), "latencies_ms": lat.tolist()}
 
 
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = max(v for k, v in figures.items() if k.startswith("in_process"))
     model_only = max(v for k, v in figures.items() if k.startswith("model_only"))
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS=str(a.threads),
+    env = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS=str(a.threads),
                VQ_DECODE_THREADS=str(a.decode_threads), VQ_MAX_BATCH=str(a.batch), VQ_LOG_LEVEL="warning",
                OMP_NUM_THREADS=str(a.threads))
     with RedisServer() as server:

@@ -53,7 +53,7 @@ from worker.redis_server import RedisServer, free_port
 
 from .faults import FaultRecord, RedisFaults
 from .poison import CanaryServer, Poison, all_poisons, canary_report, plant
-from .workers import start_worker
+from .workers import pythonpath, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_KINDS = ("kill_worker", "kill_redis", "pause", "oom", "promote", "readonly")
@@ -934,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = RedisFaults(server)
     kinds = set(a.poison_kinds.split(","))
     poisons = [p for p in all_poisons() if p.kind in kinds] if a.poison_share > 0 else []
-    env = dict(os.environ, PYTHONPATH=str(ROOT), VQ_MODEL_CACHE=str(tmp / "cache"), VQ_LOG_FORMAT="json",
+    env = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_CACHE=str(tmp / "cache"), VQ_LOG_FORMAT="json",
                VQ_LOG_LEVEL="info", VQ_TORCH_THREADS="1", VQ_DECODE_THREADS="1", OMP_NUM_THREADS="1",
                VQ_SWAP_POLL_S="1", VQ_TEST_MARKER=str((out / "planted-imported").resolve()),
                VQ_TEST_CALLS=str((out / "planted-calls.log").resolve()), PYTHONUNBUFFERED="1")

@@ -36,7 +36,7 @@ from worker.settings import redis_configured
 from . import base_cache
 from .cameras import SimulatedCamera, labelled_images
 from .monitor import Monitor, write_report
-from .workers import ROOT, start_worker, stop_worker, wait_registered
+from .workers import ROOT, pythonpath, start_worker, stop_worker, wait_registered
 
 DRIFT = "night"
 
@@ -215,7 +215,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
         log_path = out / "update.log"
         with open(log_path, "w") as log_file:
             update = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                                      env=dict(os.environ, PYTHONPATH=pythonpath()))
             stack.callback(lambda: update.poll() is None and update.kill())
             while update.poll() is None:
                 _watch(monitor, view, 1)

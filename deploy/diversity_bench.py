@@ -45,7 +45,7 @@ from .cameras import labelled_images
 from .demo import DRIFT, FULL, QUICK, update_argv
 from .simulated_reviewer import NAME as REVIEWER
 from .update_bench import EVAL_SETS, fresh_store, row, score_eval
-from .workers import ROOT
+from .workers import ROOT, pythonpath
 
 NIGHT, DEFAULT = f"unseen_eval-{DRIFT}", "unseen_eval-default"
 RECOVERY_SHARES = (0.5, 0.8, 0.9, 1.0)
@@ -113,7 +113,7 @@ def run_update(a: argparse.Namespace, url: str, base_store: Path, labels: dict[s
     t0 = time.time()
     with open(runs / "update.log", "w") as log_file:
         code = subprocess.run(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+                              env=dict(os.environ, PYTHONPATH=pythonpath())).returncode
     done.write_text(json.dumps({"exit": code, "seconds": time.time() - t0}) + "\n")
     out = row(seed, code, time.time() - t0, runs, eval_sets)
     shutil.rmtree(store_dir, ignore_errors=True)  # the copy's index is all it held of its own

@@ -9,8 +9,11 @@ For resnet18 and resnet50 at 224 (random weights: speed does not depend on them)
 
   model_only   forward passes on already-decoded frames (images/s)
   in_process   decode + forward overlapped the way the BatchWorker does it, no Redis (images/s)
-  full_path    loadgen -> Redis -> N `rq worker -w worker.BatchWorker` (frames/s, middle 80 %)
-  p99_50pct    capture->result p99 (ms) with frames paced at 50 % of that full-path rate
+  full_path    Redis -> N `rq worker -w worker.BatchWorker`, the queue filled first (frames/s, middle 80 %)
+  worker_cpu   the worker processes' CPU per frame over that span (ms): how many workers one GPU can use
+  p50/p99_50pct  capture->result percentiles (ms) with frames paced at 50 % of that full-path rate
+  batch_50pct  the mean batch the workers formed meanwhile
+  sent_50pct   the rate the paced producer actually sent (below half the rate: one producer's ceiling)
   compiled     model_only with VQ_COMPILE=reduce-overhead (CUDA graphs), and TensorRT when installed
 
 A piece that cannot run here (int8 on CUDA, nvJPEG without a GPU, a worker that dies) is recorded
@@ -34,14 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from redis import Redis
-from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from worker.redis_server import RedisServer
 
-from .bench import ROOT, Stack, build_artifact, in_process
+from .bench import Stack, build_artifact, in_process
 from .frames import camera_frames
-from .workers import BATCH_WORKER
+from .workers import BATCH_WORKER, pythonpath
 
 log = structlog.get_logger("visionqueue.gpu_check")
 
@@ -63,7 +64,7 @@ def plan_for(device: str, quick: bool) -> Plan:
         return Plan(("resnet18",), 32, 8, 0.4, 120, (1,), 1.5, 240.0)
     if device == "cpu":
         return Plan(("resnet18", "resnet50"), 224, 32, 3.0, 600, (1, 2), 5.0, 460.0)
-    return Plan(("resnet18", "resnet50"), 224, 64, 3.0, 4000, (1, 2, 4), 4.0, 460.0)
+    return Plan(("resnet18", "resnet50"), 224, 64, 3.0, 12000, (1, 2, 4), 4.0, 460.0)
 
 
 def precisions(device: str) -> dict[str, str | None]:
@@ -73,6 +74,9 @@ def precisions(device: str) -> dict[str, str | None]:
     return {"fp16": None,
             "int8": "n/a: the int8 backends (fx-x86, pt2e-x86) are CPU kernels; int8 on a GPU needs TensorRT "
                     "with calibration, not scripted here"}
+
+
+DECODES = ("cpu", "cuda")
 
 
 class Check:
@@ -193,41 +197,10 @@ def _tensorrt_model_only(artifact: Path, device: str, batch: int, size: int, sec
     return n / (time.perf_counter() - t0)
 
 
-def _throughput(stack: Stack, n: int, timeout: float) -> float:
-    """Frames/s while the middle 80 % of `n` frames end (finished or failed); raises when workers stall."""
-    conn: Redis = stack.conn
-    finished = FinishedJobRegistry("inference", connection=conn)
-    failed = FailedJobRegistry("inference", connection=conn)
-    base = finished.count + failed.count
-    gen = stack.loadgen(n)
-    marks: dict[int, float] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            done = finished.count + failed.count - base
-            for pct in (10, 90):
-                if pct not in marks and done >= n * pct / 100:
-                    marks[pct] = time.perf_counter()
-            if done >= n:
-                break
-            dead = [p.returncode for p in stack.workers if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"a worker exited (code {dead[0]})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {done} of {n} frames done after {timeout:.0f} s")
-            time.sleep(0.02)
-        if failed.count > 0:
-            raise RuntimeError(f"{failed.count} frames failed")
-    finally:
-        gen.kill()
-        gen.wait()
-    return 0.8 * n / (marks[90] - marks[10])
-
-
 def full_path_pieces(check: Check, server: RedisServer, artifact: Path, arch: str, precision: str,
                      decode: str) -> None:
     plan = check.plan
-    env = dict(os.environ, PYTHONPATH=str(ROOT), VQ_MODEL_PATH=str(artifact), VQ_DEVICE=check.device,
+    env = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_DEVICE=check.device,
                VQ_PRECISION=precision, VQ_DECODE_DEVICE=decode, VQ_MAX_BATCH=str(plan.batch),
                VQ_LOG_LEVEL="warning", VQ_SAMPLE_STRATEGY="none", VQ_SAMPLE_AUDIT_RATE="0")
     if check.device == "cpu":  # one process per core, one thread each: what deploy.bench found best here
@@ -239,17 +212,25 @@ def full_path_pieces(check: Check, server: RedisServer, artifact: Path, arch: st
             check.record("full_path", "n/a: nvJPEG decode needs a CUDA device", "frames/s", **key)
             continue
 
-        def run(workers: int = workers) -> float:
-            stack = Stack(server.url, env)
+        def run(workers: int = workers) -> dict[str, float]:
+            # the queue is filled first (as when producers run on capture stations): the rate is the
+            # workers' and Redis's, not the one load generator's
+            stack = Stack(server.url, env, server.proc.pid)
             try:
                 stack.start_workers(BATCH_WORKER, f"gpu-check-{workers}", workers)
-                _throughput(stack, min(plan.frames, 200), timeout=max(30.0, check.left()))  # warm-up
-                return _throughput(stack, plan.frames, timeout=max(30.0, check.left()))
+                stack.throughput(min(plan.frames, 200), producer_first=True)  # warm-up
+                figures = stack.throughput(plan.frames, producer_first=True)
             finally:
                 stack.stop_workers()
+            if figures["failed"]:
+                raise RuntimeError(f"{figures['failed']:.0f} frames failed")
+            return figures
 
-        rate = check.piece("full_path", "frames/s", run, need_s=40, **key)
-        last_rate = (workers, rate) if rate else last_rate
+        figures = check.piece("full_path", "frames/s", run, need_s=40, **key)
+        if figures:
+            check.record("full_path", figures["frames_per_s"], "frames/s", **key)
+            check.record("worker_cpu", figures["workers_cpu_ms_per_frame"], "ms/frame", **key)
+            last_rate = (workers, figures["frames_per_s"])
     if last_rate is None:
         return
     workers, rate = last_rate
@@ -259,11 +240,17 @@ def full_path_pieces(check: Check, server: RedisServer, artifact: Path, arch: st
         stack = Stack(server.url, env)
         try:
             stack.start_workers(BATCH_WORKER, f"gpu-check-lat-{workers}", workers)
-            return stack.latency(0.5 * rate, plan.latency_seconds)["p99_ms"]
+            stack.throughput(min(plan.frames, 200), producer_first=True)  # warm-up: first batches are slow
+            return stack.latency(0.5 * rate, plan.latency_seconds)
         finally:
             stack.stop_workers()
 
-    check.piece("p99_50pct", "ms", p99, need_s=plan.latency_seconds + 40, **key)
+    figures = check.piece("p99_50pct", "ms", p99, need_s=plan.latency_seconds + 40, **key)
+    if figures:
+        check.record("p50_50pct", figures["p50_ms"], "ms", **key)
+        check.record("p99_50pct", figures["p99_ms"], "ms", **key)
+        check.record("batch_50pct", figures["mean_batch"], "frames", **key)
+        check.record("sent_50pct", figures["sent_fps"], "frames/s", **key)  # below half the rate: the producer's pace
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -292,6 +279,40 @@ def markdown(report: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def measure_arch(check: Check, server: RedisServer, artifact: Path, arch: str, frames: list[bytes],
+                 decodes: tuple[str, ...] = DECODES, compiled: bool = True) -> None:
+    plan, device = check.plan, check.device
+    for precision, unavailable in precisions(device).items():
+        for decode in decodes:
+            if unavailable:
+                key = {"arch": arch, "precision": precision, "decode": decode, "compile": "off", "workers": "-"}
+                check.record("in_process", unavailable, "img/s", **key)
+            else:
+                in_process_pieces(check, artifact, arch, precision, decode, frames)
+    for precision, unavailable in precisions(device).items():
+        for decode in decodes:
+            if not unavailable:
+                full_path_pieces(check, server, artifact, arch, precision, decode)
+    if not compiled:
+        return
+    precision = "fp16" if device == "cuda" else "int8"
+    key = {"arch": arch, "precision": precision, "decode": "-", "workers": "-"}
+    check.piece("model_only", "img/s", lambda: _compiled_model_only(
+        artifact, device, precision, plan.batch, frames, plan.seconds), need_s=90, compile="reduce-overhead", **key)
+    check.piece("model_only", "img/s", lambda: _tensorrt_model_only(
+        artifact, device, plan.batch, plan.size, plan.seconds), need_s=120, compile="tensorrt-fp16", **key)
+
+
+def write_report(check: Check, argv: list[str] | None, out: Path) -> float:
+    """OUT/gpu-check.json and gpu-check.md with every row so far; the seconds since the check began."""
+    seconds = time.monotonic() - check.started
+    report = {"command": "python -m deploy.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(check.device), "plan": check.plan.__dict__, "seconds": seconds, "rows": check.rows}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu-check.md").write_text(markdown(report))
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one tiny model, every piece once (the CPU dry run)")
     p.add_argument("--out", default="gpu-check-out")
     p.add_argument("--budget-s", type=float, help="stop starting pieces after this (default: 460, 240 quick)")
+    p.add_argument("--archs", help="comma-separated models (default: resnet18,resnet50; resnet18 quick)")
+    p.add_argument("--decodes", default=",".join(DECODES), help="comma-separated decode paths (default: cpu,cuda)")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure CUDA graphs and TensorRT too (default: yes)")
     a = p.parse_args(argv)
 
     import torch
@@ -312,43 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for(a.device, a.quick)
     if a.budget_s:
         plan = Plan(**{**plan.__dict__, "budget_s": a.budget_s})
+    if a.archs:
+        plan = Plan(**{**plan.__dict__, "archs": tuple(a.archs.split(","))})
+    decodes = tuple(a.decodes.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     check = Check(a.device, plan, out)
     frames = camera_frames(16)
     tmp = Path(tempfile.mkdtemp(prefix="vq-gpu-check-"))
     print(f"gpu-check on {a.device}: {', '.join(plan.archs)} @{plan.size}, batch {plan.batch}", flush=True)
-    artifacts = {arch: build_artifact(tmp / arch, arch, plan.size, frames) for arch in plan.archs}
-    decodes = ("cpu", "cuda")
-    # most telling first: the in-process figures, then the full path, then compiled variants
-    for arch, artifact in artifacts.items():
-        for precision, unavailable in precisions(a.device).items():
-            for decode in decodes:
-                if unavailable:
-                    key = {"arch": arch, "precision": precision, "decode": decode, "compile": "off", "workers": "-"}
-                    check.record("in_process", unavailable, "img/s", **key)
-                    continue
-                in_process_pieces(check, artifact, arch, precision, decode, frames)
+    # one model at a time, most telling first (in-process, the full path, then compiled), and the report
+    # rewritten after each: a run cut short keeps what it measured
     with RedisServer() as server:
-        for arch, artifact in artifacts.items():
-            for precision, unavailable in precisions(a.device).items():
-                if unavailable:
-                    continue
-                for decode in decodes:
-                    full_path_pieces(check, server, artifact, arch, precision, decode)
-    precision = "fp16" if a.device == "cuda" else "int8"
-    for arch, artifact in artifacts.items():
-        key = {"arch": arch, "precision": precision, "decode": "-", "workers": "-"}
-        check.piece("model_only", "img/s", lambda art=artifact: _compiled_model_only(
-            art, a.device, precision, plan.batch, frames, plan.seconds), need_s=90, compile="reduce-overhead", **key)
-        check.piece("model_only", "img/s", lambda art=artifact: _tensorrt_model_only(
-            art, a.device, plan.batch, plan.size, plan.seconds), need_s=120, compile="tensorrt-fp16", **key)
-    report = {"command": "python -m deploy.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(a.device), "plan": plan.__dict__, "seconds": time.monotonic() - check.started,
-              "rows": check.rows}
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu-check.md").write_text(markdown(report))
-    print(f"wrote {out / 'gpu-check.json'} and {out / 'gpu-check.md'} ({report['seconds']:.0f} s)")
+        for arch in plan.archs:
+            artifact = build_artifact(tmp / arch, arch, plan.size, frames)
+            measure_arch(check, server, artifact, arch, frames, decodes, a.compiled)
+            seconds = write_report(check, argv, out)
+    print(f"wrote {out / 'gpu-check.json'} and {out / 'gpu-check.md'} ({seconds:.0f} s)")
     return 0
 
 

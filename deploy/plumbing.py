@@ -31,14 +31,14 @@ from typing import Any
 import psutil
 from redis import Redis
 from rq import Queue
-from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from worker.frames import make_frame
 from worker.jobs import QUEUE_NAME, RESULTS_STREAM, FrameQueue, enqueue_frames
 from worker.redis_server import RedisServer, free_port
 from worker.serializer import MsgpackSerializer
 
-from .workers import BATCH_WORKER, ROOT, start_worker, stop_worker, wait_registered
+from .workers import BATCH_WORKER, pythonpath, start_worker, stop_worker, wait_registered
 
 STAGES = ("dequeue", "claim", "infer", "record", "stream")
 PLAIN_QUEUE = "plain"
@@ -69,13 +69,21 @@ def fill_plain(conn: Redis, images: list[bytes], n: int, chunk: int = 500) -> No
 
 
 class Drain:
-    """Frames/s while `n` frames finish (the middle 80 %), and the CPU per frame of each named group of
-    processes over the same span (deploy.bench reads the cores' idle share from it too)."""
+    """Frames/s while `n` frames end, finished or failed (the middle 80 %), and the CPU per frame of each
+    named group of processes over the same span (deploy.bench reads the cores' idle share from it too).
+    A process in `watch` that exits stops the drain at once with its exit code, not at the timeout."""
 
-    def __init__(self, conn: Redis, queue: str, n: int, procs: dict[str, list[psutil.Process]], base: int = 0) -> None:
+    def __init__(self, conn: Redis, queue: str, n: int, procs: dict[str, list[psutil.Process]], base: int = 0,
+                 watch: list[subprocess.Popen] | tuple = ()) -> None:
         self.finished = FinishedJobRegistry(queue, connection=conn)
-        self.n, self.procs, self.base = n, procs, base  # base: frames already in the registry before these
+        self.failed = FailedJobRegistry(queue, connection=conn)
+        self.n, self.procs, self.base = n, procs, base  # base: frames already ended before these
+        self.watch = watch
         self._last: dict[int, float] = {}
+
+    def ended(self) -> int:
+        """Frames in the finished and failed registries."""
+        return self.finished.count + self.failed.count
 
     @staticmethod
     def _cpu(proc: psutil.Process) -> float:
@@ -97,20 +105,24 @@ class Drain:
 
     def run(self, timeout: float) -> dict[str, float]:
         marks: dict[int, tuple[float, int, dict[str, float]]] = {}
+        failed_before = self.failed.count
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = self.finished.count - self.base
+            done = self.ended() - self.base
             for pct in (10, 90):
                 if pct not in marks and done >= self.n * pct / 100:
                     marks[pct] = (time.perf_counter(), done, self._snapshot())
             if done >= self.n:
                 break
+            if dead := [p.returncode for p in self.watch if p.poll() is not None]:
+                raise RuntimeError(f"a worker exited (code {dead[0]}) with {done} of {self.n} frames ended")
             time.sleep(0.01)
         else:
-            raise RuntimeError(f"{self.finished.count - self.base} of {self.n} frames finished within {timeout:.0f}s")
+            raise RuntimeError(f"{self.ended() - self.base} of {self.n} frames ended within {timeout:.0f}s")
         (t0, d0, c0), (t1, d1, c1) = marks[10], marks[90]
         frames = d1 - d0
-        out = {"frames_per_s": frames / (t1 - t0), "idle_share": (c1["idle"] - c0["idle"]) / (c1["all"] - c0["all"])}
+        out = {"frames_per_s": frames / (t1 - t0), "idle_share": (c1["idle"] - c0["idle"]) / (c1["all"] - c0["all"]),
+               "failed": float(self.failed.count - failed_before)}
         out.update({f"{name}_cpu_ms_per_frame": 1000 * (c1[name] - c0[name]) / frames for name in self.procs})
         return out
 
@@ -152,7 +164,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     images = tiny_jpegs(size=a.size)
     tmp = Path(tempfile.mkdtemp(prefix="vq-plumbing-"))
     artifact = build_artifact(tmp / "model", "resnet18", a.size, images)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), VQ_MODEL_PATH=str(artifact), VQ_MAX_BATCH=str(a.batch),
+    env = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_MAX_BATCH=str(a.batch),
                VQ_SAMPLE_STRATEGY="none", VQ_SAMPLE_AUDIT_RATE="0", VQ_LOG_LEVEL="warning", VQ_TORCH_THREADS="1",
                VQ_DECODE_THREADS="1", OMP_NUM_THREADS="1", VQ_RESULTS_MAXLEN=str(max(a.n, a.naive_n) * 2))
     report: dict[str, Any] = {"frames": f"{a.size}x{a.size} JPEG", "batch": a.batch, "n": a.n, "naive_n": a.naive_n}

@@ -36,7 +36,7 @@ from worker.registry import ModelRegistry
 
 from .cameras import labelled_images
 from .demo import DRIFT, FULL, QUICK, update_argv
-from .workers import ROOT
+from .workers import ROOT, pythonpath
 
 EVAL_SETS = (f"eval-{DRIFT}", "eval-default")
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             with open(runs / "update.log", "w") as log_file:
                 code = subprocess.run(cmd, cwd=a.code, stdout=log_file, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONPATH=str(a.code))).returncode
+                                      env=dict(os.environ, PYTHONPATH=pythonpath(a.code))).returncode
             rows.append(row(seed, code, time.time() - t0, runs, eval_sets))
             say(json.dumps(rows[-1]))
     (a.out / "bench.json").write_text(json.dumps({"base": base_scores, "flags": extra, "code": str(a.code),

@@ -13,18 +13,26 @@ from redis import Redis
 from rq import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
-RQ = str(Path(sys.executable).with_name("rq"))
+# `python -m rq.cli` is the `rq` script's own entry point, and works where packages were installed
+# without scripts beside this interpreter (pip --target, a read-only venv)
+RQ = [sys.executable, "-m", "rq.cli"]
 BATCH_WORKER = ["--worker-class", "worker.BatchWorker"]
+
+
+def pythonpath(root: Path = ROOT, env: dict[str, str] | None = None) -> str:
+    """PYTHONPATH for a child that imports this checkout: `root` first, the caller's own path kept after it."""
+    rest = dict(os.environ if env is None else env).get("PYTHONPATH", "")
+    return str(root) + (os.pathsep + rest if rest else "")
 
 
 def start_worker(redis_url: str, name: str, env: dict[str, str] | None = None, worker_args: list[str] | None = None,
                  output: int | None = subprocess.PIPE, queue: str = "inference") -> subprocess.Popen:
     """`rq worker` in its own process group (so a signal reaches it and nothing else)."""
     child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env["PYTHONPATH"] = pythonpath(env=child_env)
     child_env["RQ_REDIS_URL"] = redis_url  # rq's own variable: a password never shows on a command line
     return subprocess.Popen(
-        [RQ, "worker", *(worker_args or BATCH_WORKER), "--name", name, queue],
+        [*RQ, "worker", *(worker_args or BATCH_WORKER), "--name", name, queue],
         env=child_env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
         text=True, start_new_session=True,
     )
@@ -65,7 +73,7 @@ def start_shard_worker(redis_urls: list[str], shard: int, name: str, env: dict[s
     `settings` are added to `env` (default: this process's environment)."""
     child_env = dict(os.environ if env is None else env)
     child_env.update(settings or {})
-    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env["PYTHONPATH"] = pythonpath(env=child_env)
     child_env.update({"REDIS_URLS": ",".join(redis_urls), "VQ_SHARD": str(shard)})
     for stale in ("REDIS_URLS_FILE", "RQ_REDIS_URL"):  # the map given here is the one served
         child_env.pop(stale, None)

@@ -180,3 +180,24 @@ def test_png_frames_are_classified(tmp_path, redis_url, redis_conn, subprocess_e
         assert job.get_status() == JobStatus.FINISHED
     finally:
         stop_worker(proc)
+
+
+def test_rq_suspend_holds_an_idle_worker_and_resume_sets_it_going(tmp_path, redis_url, redis_conn, subprocess_env):
+    from rq.suspension import resume, suspend
+
+    artifact = tiny_artifact(tmp_path / "model")
+    proc = start_worker(redis_url, subprocess_env, "w-suspend", VQ_MODEL_PATH=str(artifact))
+    try:
+        wait_for(lambda: worker_registered(redis_conn, "w-suspend"), timeout=120, what="the worker registered")
+        suspend(redis_conn)
+        [me] = [w for w in Worker.all(connection=redis_conn) if w.name == "w-suspend"]
+        # idle, it notices without a frame to wake it (RQ's own loop would take the next batch first)
+        wait_for(lambda: me.refresh() or me.get_state() == "suspended", timeout=30, what="the worker suspended")
+        jobs = enqueue_frames(FrameQueue(connection=redis_conn), [make_frame(jpeg(seed=i), seq=i) for i in range(4)])
+        time.sleep(1.5)  # not synchronization: the span in which a worker that ignored the suspension would act
+        assert statuses(jobs) == [JobStatus.QUEUED] * 4
+        resume(redis_conn)
+        wait_for(lambda: all_done(jobs), timeout=60, what="the frames done after rq resume")
+        assert statuses(jobs) == [JobStatus.FINISHED] * 4
+    finally:
+        stop_worker(proc)

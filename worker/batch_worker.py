@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import structlog
 from redis import Redis
 from rq.queue import Queue
+from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
 from . import rq_internals as rq
@@ -72,6 +73,7 @@ log = structlog.get_logger("visionqueue.worker")
 T = TypeVar("T")
 
 BLOCK_S = 1.0  # longest blocking dequeue: stop requests, idle swaps and maintenance wait no longer
+SUSPEND_POLL_S = 0.1
 
 
 @dataclass
@@ -178,7 +180,26 @@ class BatchWorker(SimpleWorker):
             self._quietly(lambda: super(BatchWorker, self).set_state(state))
 
     def check_for_suspension(self, burst: bool) -> None:
-        self._redis(lambda: super(BatchWorker, self).check_for_suspension(burst))
+        """RQ's `rq suspend`, looked at every SUSPEND_POLL_S (RQ sleeps 1 s), so that `rq resume` sets a fleet
+        back to work within a tenth of a second of each other; the idle loop asks too (see below)."""
+        if burst:  # RQ's own: a suspended burst worker exits
+            self._redis(lambda: super(BatchWorker, self).check_for_suspension(burst))
+            return
+        if not self._suspended():
+            return
+        log.info("suspended: `rq resume` resumes", worker=self.name)
+        before = self.get_state()
+        self.set_state(WorkerStatus.SUSPENDED)
+        beat = time.monotonic()
+        while not self._stop_requested and self._suspended():
+            time.sleep(SUSPEND_POLL_S)
+            if time.monotonic() - beat > 10:  # RQ's loop does not beat: its worker left `rq info` after 7 min
+                self.heartbeat()
+                beat = time.monotonic()
+        self.set_state(before)
+
+    def _suspended(self) -> bool:
+        return bool(self._redis(lambda: is_suspended(self.connection, self)))
 
     def _shutdown(self) -> None:
         # Never raise StopRequested from the signal handler, as RQ does when idle: raised between
@@ -313,6 +334,8 @@ class BatchWorker(SimpleWorker):
             self._slots.release()
             if timeout is None:  # burst mode: the queue is empty
                 return None
+            # RQ looks only between jobs; an idle worker would take a whole batch after `rq suspend`
+            self.check_for_suspension(False)
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 

@@ -56,11 +56,11 @@ class Profile:
     eval_fps: float  # per camera after the swap: each evaluation image is sent once
 
 
-# FULL: 320 labels, because recovery grows with them (deploy/diversity_bench.py: 20 → 62 %, 40 → 71 %,
+# FULL: 400 labels, because recovery grows with them (deploy/diversity_bench.py: 20 → 62 %, 40 → 71 %,
 # 179 → 89.5 % on unseen night frames) and 800 night images to capture them from; 400 unseen images per
 # condition to judge by, so that one image is a quarter of a point.
 FULL = Profile(train_images=1400, stream_images=800, eval_images=400, size=96, epochs=16, phase_a_s=25, min_labels=400,
-               update_epochs=12, replay=400, fps=8, eval_fps=32)
+               update_epochs=16, replay=800, fps=8, eval_fps=32)
 QUICK = Profile(train_images=600, stream_images=200, eval_images=100, size=64, epochs=12, phase_a_s=12, min_labels=80,
                 update_epochs=5, replay=200, fps=6, eval_fps=10)
 

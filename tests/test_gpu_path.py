@@ -226,6 +226,7 @@ def test_cuda_engine_with_nvjpeg_and_pinned_uint8(tmp_path):
     frames = [jpeg(64, 48, seed=i) for i in range(5)] + [png()]
     decoded = engine.decode(frames)
     assert sum(isinstance(d, DeviceImage) for d in decoded) == 5
+    assert engine.shape_specialized and engine._pad_target(6) == 8  # eager CUDA runs the warmed sizes only
     probs = engine.forward(decoded)
     assert probs.shape == (6, 4) and np.isfinite(probs).all()
     assert engine._batcher._host is not None and engine._batcher._host.is_pinned()

@@ -130,8 +130,11 @@ class InferenceEngine:
                                if jpeg_decoder is not None else None)
         self.compile_mode = compile_mode if self.precision != "int8" else "off"
         self.model = compile_model(serving.model, self.compile_mode)
-        # a compiled graph is specialised to its batch sizes, like the PT2E int8 graph
-        self.shape_specialized = serving.shape_specialized or self.compile_mode != "off"
+        # A compiled graph is specialised to its batch sizes, like the PT2E int8 graph. On CUDA the eager
+        # model is padded to those sizes too: each batch shape new to cuDNN costs a plan search (and lazy
+        # kernel loads) on first use, a stall inside the latency budget that warm-up pays once per size.
+        self.shape_specialized = (serving.shape_specialized or self.compile_mode != "off"
+                                  or str(device).startswith("cuda"))
         self._batcher = DeviceBatcher(device, self.input_size, self.mean, self.std, max_batch)
 
     @property

@@ -158,6 +158,10 @@ def judge(candidate: Path, current: Path, root: Path, original: Sequence[Sample]
         labels_all = np.array([s.label for s in everything])
         drop = float(((fp32 == labels_all).mean() - (int8 == labels_all).mean()) * 100) if len(labels_all) else 0.0
         ratio = latency_ratio(candidate, current)
+        if ratio > config.max_latency_ratio:
+            # Confirm before refusing: while a base model trained beside it, 7 interleaved rounds once
+            # made a candidate of the same architecture look 2.2x slower. A real slowdown survives 21.
+            ratio = min(ratio, latency_ratio(candidate, current, rounds=21))
         ok_drop, ok_lat = drop <= config.max_int8_drop, ratio <= config.max_latency_ratio
         checks["serving"] = {"ok": ok_drop and ok_lat, "precision": manifest.get("precision"),
                              "int8_drop_points": round(drop, 3), "latency_ratio": round(ratio, 3)}

@@ -3,9 +3,11 @@
     RUN/data/base  -> the original training data (its split.json: CONTINUAL_BASE_SPLIT / --base-split)
     RUN/data/store -> the sample store's images
 
-- train: new labels from the store's train share (80 %, by content hash) + a class-balanced replay
-  buffer from earlier data (the original train split and store samples used by earlier updates), so
-  the model learns the new conditions without forgetting the old ones.
+- train: new labels from the store's train share (80 %, by content hash)
+- replay: a class-balanced buffer from earlier data (the original train split and store samples used
+  by earlier updates), so the model learns the new conditions without forgetting the old ones. The
+  trainer rehearses a fresh class-balanced draw of it each epoch (--replay-per-epoch), beside every
+  new sample.
 - val: the rest of the new train-share labels + a class-balanced slice of the original val split
   (early stopping and temperature scaling see both worlds).
 - test: the original holdout + the new holdout; the gate reads them separately.
@@ -14,13 +16,11 @@
 from __future__ import annotations
 
 import hashlib
-import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.data import Sample, Split, load_split, save_split
+from trainer.data import REPLAY, Sample, Split, balanced_subset, load_split, save_split
 
 from .store import SampleStore, StoredSample
 
@@ -40,19 +40,7 @@ class UpdateData:
 
 
 def _balanced(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
-    """Up to n samples, as evenly spread over classes as the data allows."""
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_class[s.label].append(s)
-    rng = random.Random(seed)
-    for group in by_class.values():
-        rng.shuffle(group)
-    picked: list[Sample] = []
-    while len(picked) < n and any(by_class.values()):
-        for label in sorted(by_class):
-            if by_class[label] and len(picked) < n:
-                picked.append(by_class[label].pop())
-    return picked
+    return balanced_subset(samples, n, seed, label=lambda s: s.label)
 
 
 def _is_val(sha256: str) -> bool:
@@ -95,18 +83,19 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     old_hold = store.used_labels("holdout")
 
     replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
-    train = from_store(new_train) + _balanced(replay_pool, replay, seed)
+    train = from_store(new_train)
+    replayed = _balanced(replay_pool, replay, seed)
     val = from_store(new_val) + (_balanced(from_base(base["val"]), max(len(new_val), 64), seed) if base else [])
     original_holdout = (from_base(base["test"]) if base else []) + from_store(old_hold)
     new_holdout = from_store(new_hold)
     split = Split(root, classes, seed, (0.0, 0.0, 0.0),
-                  {"train": train, "val": val, "test": original_holdout + new_holdout})
+                  {"train": train, REPLAY: replayed, "val": val, "test": original_holdout + new_holdout})
     save_split(split, run / "split.json")
     return UpdateData(
         split=split, classes=classes, new_classes=new_classes, original_holdout=original_holdout,
         new_holdout=new_holdout, stations=stations, new_frame_ids=[s.frame_id for s in new],
         counts={"new_labels": len(new), "new_train": len(new_train), "new_val": len(new_val),
-                "new_holdout": len(new_hold), "replay": len(train) - len(new_train), "val": len(val),
+                "new_holdout": len(new_hold), "replay": len(replayed), "val": len(val),
                 "original_holdout": len(original_holdout)},
     )
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,9 @@ class Profile:
     min_labels: int
     update_epochs: int
     replay: int
+    replay_per_epoch: int | None  # None: the whole buffer every epoch
     fps: float
+    capture_fps: float  # per camera while the reviewer waits for min_labels: that phase only waits at line speed
     eval_fps: float  # per camera after the swap: each evaluation image is sent once
 
 
@@ -60,9 +64,11 @@ class Profile:
 # 179 → 89.5 % on unseen night frames) and 800 night images to capture them from; 400 unseen images per
 # condition to judge by, so that one image is a quarter of a point.
 FULL = Profile(train_images=1400, stream_images=800, eval_images=400, size=96, epochs=16, phase_a_s=25, min_labels=400,
-               update_epochs=16, replay=800, fps=8, eval_fps=32)
+               update_epochs=12, replay=800, replay_per_epoch=400, fps=8, capture_fps=16,
+               eval_fps=32)
 QUICK = Profile(train_images=600, stream_images=200, eval_images=100, size=64, epochs=12, phase_a_s=12, min_labels=80,
-                update_epochs=5, replay=200, fps=6, eval_fps=10)
+                update_epochs=5, replay=200, replay_per_epoch=None, fps=6, capture_fps=6,
+                eval_fps=10)
 
 
 def say(msg: str) -> None:
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-run", type=Path, help="start from this trainer run (its artifact and split) instead of "
                                                  "training one: the learning loop at full model quality")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the base model this code trained before on the same data (~/.cache/visionqueue/"
-                        "demo-base; deploy/base_cache.py); --no-cache trains it again")
+                   help="reuse the base model this code trained before on the same data, and the synthetic sets "
+                        "(~/.cache/visionqueue/demo-base and demo-data; deploy/base_cache.py); --no-cache makes "
+                        "both again")
     a = p.parse_args(argv)
     from worker.logs import configure_logging
 
@@ -106,7 +113,6 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
         conn = Redis.from_url(url)
 
         # 1-2. data, training, publication
-        from trainer.synth import generate
         from trainer.train import main as train_main
 
         # The frames streamed after the update are new images (seeds 3 and 4): the update fine-tuned on
@@ -117,9 +123,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
                 f"eval-{DRIFT}": (DRIFT, 4, prof.eval_images)}
         if base_run is None:
             sets["train"] = ("default", 0, prof.train_images)
-        for name, (condition, seed, n) in sets.items():
-            if not (work / name / "synth.json").exists():
-                generate(work / name, n, condition=condition, seed=seed)
+        synthesize(work, sets, use_cache)
         say(f"synthetic inspection data: streams of the default and '{DRIFT}' conditions"
             + ("" if base_run else f", {prof.train_images} training images"))
         registry = ModelRegistry(conn)
@@ -185,7 +189,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
 
         # 5. drift
         for cam in cams:
-            cam.switch(drift_imgs, DRIFT)
+            cam.switch(drift_imgs, DRIFT, fps=prof.capture_fps)
         drift_start = time.time()
         monitor.phase = f"drift: '{DRIFT}' conditions"
         monitor.mark(f"capture conditions drift to '{DRIFT}'")
@@ -207,7 +211,9 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
                     break
         monitor.mark(f"simulated reviewer labelled {monitor.labelled} captured frames")
 
-        # 6. update while frames keep flowing, then the swap
+        # 6. update while frames keep flowing at line speed, then the swap
+        for cam in cams:
+            cam.switch(drift_imgs, DRIFT, fps=prof.fps)
         monitor.phase = "continual.update running"
         monitor.mark("python -m continual.update starts")
         cmd = [sys.executable, "-m", "continual.update",
@@ -305,11 +311,33 @@ def _alarm_text(monitor: Monitor, drift_start: float) -> str:
     return text + (f"; {len(before)} false alarm(s) before it" if before else "; none before it")
 
 
+def synthesize(work: Path, sets: dict[str, tuple[str, int, int]], use_cache: bool = True) -> None:
+    """The sets not yet written: from the cache (deploy/base_cache.py), else rendered one process per
+    core (rendering is single-threaded, the sets are independent and each is deterministic by its seed)."""
+    from trainer.synth import generate
+
+    todo = [(name, spec) for name, spec in sets.items() if not (work / name / "synth.json").exists()
+            and not (use_cache and base_cache.restore_data(spec, work / name))]
+    if not todo:
+        return
+    todo.sort(key=lambda item: -item[1][2])  # largest first: the pool ends evenly
+    # spawn: a forked child would inherit the threads of OpenCV and torch in an unknown state
+    with ProcessPoolExecutor(min(len(todo), os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) \
+            as pool:
+        for job in [pool.submit(generate, work / name, n, condition=condition, seed=seed)
+                    for name, (condition, seed, n) in todo]:
+            job.result()
+    if use_cache:
+        for name, spec in todo:
+            base_cache.store_data(spec, work / name)
+
+
 def update_argv(prof: Profile, url: str, store: Path, out: Path, base_split: Path) -> list[str]:
     """The demo's `continual.update` flags (deploy.update_bench replays the same update over seeds)."""
     return ["--redis-url", url, "--store", str(store), "--out", str(out), "--base-split", str(base_split),
             "--min-new-labels", str(prof.min_labels // 2), "--epochs", str(prof.update_epochs),
             "--replay", str(prof.replay), "--threads", "2",
+            *(["--replay-per-epoch", str(prof.replay_per_epoch)] if prof.replay_per_epoch else []),
             # The demo's holdouts are a few hundred images, where 1 point is 3 frames: allow 2 for int8.
             "--max-int8-drop", "2"]
 

@@ -50,3 +50,23 @@ def test_round_trip_rewrites_the_split_root_and_drops_checkpoints(tmp_path: Path
 def test_a_half_written_entry_is_not_a_hit(tmp_path: Path, cache_home: Path) -> None:
     (cache_home / "visionqueue" / "demo-base" / "k2" / "artifact").mkdir(parents=True)
     assert not base_cache.restore("k2", tmp_path / "run", tmp_path / "train")
+
+
+def test_a_synthetic_set_is_rendered_once_then_restored_byte_for_byte(tmp_path: Path, cache_home: Path) -> None:
+    from deploy.demo import synthesize
+
+    sets = {"a": ("night", 2, 6), "b": ("default", 3, 4)}
+    synthesize(tmp_path / "first", sets)
+    cached = cache_home / "visionqueue" / "demo-data"
+    assert sorted(p.name for p in cached.iterdir()) == sorted(base_cache.data_key(spec) for spec in sets.values())
+    assert base_cache.data_key(["night", 2, 6]) != base_cache.data_key(["night", 2, 7])
+
+    synthesize(tmp_path / "second", sets)  # restored: hard links to the cached files (same file system here)
+    synthesize(tmp_path / "third", sets, use_cache=False)  # rendered again
+    for name, spec in sets.items():
+        restored = sorted(p.relative_to(tmp_path / "second") for p in (tmp_path / "second" / name).rglob("*.*"))
+        assert len(restored) == spec[2] + 1  # the images and synth.json
+        for rel in restored:
+            assert (tmp_path / "second" / rel).stat().st_ino == (cached / base_cache.data_key(spec)
+                                                                  / rel.relative_to(name)).stat().st_ino
+            assert (tmp_path / "second" / rel).read_bytes() == (tmp_path / "third" / rel).read_bytes()

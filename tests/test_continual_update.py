@@ -61,6 +61,8 @@ def push_captures(conn, n_per_class: int, classes: list[str], shade: float, seed
         pipe.execute()
 
 
+# Five updates in one test: 250 s alone on a 2-core AVX2 host, past the 300 s default beside other work.
+@pytest.mark.timeout(600)
 def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, capsys):
     registry = ModelRegistry(redis_conn)
     v1 = registry.publish(base_run / "artifact")

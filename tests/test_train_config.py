@@ -93,8 +93,11 @@ def _old_updater_argv(args: argparse.Namespace, run: Path, weights: Path, manife
         argv += ["--trivial-augment"]
     if args.freeze_bn:
         argv += ["--freeze-bn"]
-    if backend:
-        argv += ["--int8-backend", backend, "--int8-max-drop", str(args.max_int8_drop)]
+    argv += ["--freeze", args.freeze]
+    if args.replay_per_epoch is not None:
+        argv += ["--replay-per-epoch", str(args.replay_per_epoch)]
+    if backend:  # the gate judges the int8 drop (--max-int8-drop) on the holdouts; the trainer keeps int8
+        argv += ["--int8-backend", backend, "--int8-max-drop", "100"]
     else:
         argv += ["--no-quantize"]
     if args.threads:
@@ -111,7 +114,8 @@ MANIFESTS = [
      "quantization": None, "training": {"min_crop": 0.25}},
     {"arch": "resnet50", "input_size": [224, 224], "version": "v3"},  # an artifact from before "training"
 ]
-UPDATER_FLAGS = [[], ["--min-crop", "0.5", "--freeze-bn", "--threads", "2", "--lr", "1e-3", "--max-int8-drop", "3"]]
+UPDATER_FLAGS = [[], ["--min-crop", "0.5", "--freeze-bn", "--threads", "2", "--lr", "1e-3", "--max-int8-drop", "3"],
+                 ["--freeze", "layer1", "--replay-per-epoch", "300"]]
 
 
 @pytest.mark.parametrize("flags", UPDATER_FLAGS)

@@ -153,3 +153,34 @@ def test_scan_with_model_classes_refuses_unknown_folders(tmp_path: Path) -> None
         scan_folder(root, class_names=["ok", "scratch"])
     scan = scan_folder(root, class_names=["new", "ok", "scratch"])
     assert scan.counts() == {"new": 3, "ok": 3, "scratch": 0}
+
+
+def test_a_fine_tune_rehearses_a_fresh_balanced_replay_draw_each_epoch(tmp_path: Path) -> None:
+    from trainer.config import TrainConfig
+    from trainer.data import REPLAY, Sample, Split
+    from trainer.train import Data, train_loader
+
+    new = [Sample(f"new/{i}.png", 1, f"n{i}") for i in range(5)]
+    # imbalanced buffer: 30 of class 0, 6 each of classes 1-3
+    replay = [Sample(f"old/{i}.png", 0 if i < 30 else 1 + (i - 30) % 3, f"o{i}") for i in range(48)]
+    split = Split(tmp_path, ["a", "b", "c", "d"], 0, (0.0, 0.0, 0.0), {"train": new, REPLAY: replay, "val": [],
+                                                                        "test": []})
+    assert split.fit_samples() == new + replay  # what int8 calibration sees
+    data = Data(split, TrainDataset(tmp_path, split.fit_samples(), (8, 8), lambda t: t), None)
+    config = TrainConfig(out=tmp_path, replay_per_epoch=12, batch_size=4)
+
+    seen: set[int] = set()
+    draws = []
+    for epoch in range(1, 6):
+        indices = data.epoch_indices(config, epoch)
+        assert indices is not None and indices[:5] == list(range(5))  # every new sample, every epoch
+        drawn = indices[5:]
+        assert len(drawn) == len(set(drawn)) == 12 and all(5 <= i < 53 for i in drawn)
+        assert Counter(data.train_set.samples[i].label for i in drawn) == {0: 3, 1: 3, 2: 3, 3: 3}
+        assert data.epoch_indices(config, epoch) == indices  # a pure function of (seed, epoch)
+        draws.append(drawn)
+        seen |= set(drawn)
+    assert len({tuple(d) for d in draws}) == 5 and len(seen) > 24  # fresh draws cover more than one epoch's
+    assert len(train_loader(data, config, 1)) == 4  # 17 in batches of 4: a last batch of one is dropped (BN)
+    assert data.epoch_indices(TrainConfig(out=tmp_path), 1) is None  # default: the whole buffer
+    assert data.epoch_indices(TrainConfig(out=tmp_path, replay_per_epoch=48), 1) is None

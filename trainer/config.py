@@ -69,6 +69,7 @@ class TrainConfig:
     trivial_augment: bool = False
     focal_loss: bool = False
     balanced_sampling: bool = False
+    replay_per_epoch: int | None = None  # a split's replay part: drawn afresh each epoch; None: all of it
     freeze_bn: bool = False
     teacher: Path | None = None  # distil from this run (trainer/distill.py)
     kd_temperature: float = distill.KD_TEMPERATURE

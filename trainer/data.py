@@ -9,6 +9,8 @@ Layout: root/<class>/<image>, any format OpenCV reads (grayscale and RGBA become
   unreadable files, classes too small to split.
 - `make_split` is stratified per class and keeps every content hash within one split; it is a
   pure function of the scan, the ratios and the seed. `save_split` / `load_split` keep it as JSON.
+  A fine-tune's split (continual.dataset) may also have a `replay` part: earlier data it rehearses
+  beside its new `train` samples, drawn afresh each epoch (TrainConfig.replay_per_epoch).
 - `EvalDataset` preprocesses exactly as the worker does (worker.preprocess.decode_image, then
   `collate_eval` uses to_batch); `TrainDataset` decodes with the same function at a slightly
   larger size and applies torchvision v2 augmentations on uint8 tensors.
@@ -19,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -36,6 +39,7 @@ from worker.preprocess import decode_image, to_batch
 log = structlog.get_logger("visionqueue.data")
 
 SPLITS = ("train", "val", "test")
+REPLAY = "replay"  # optional part: old samples a fine-tune rehearses (trainer.train draws from it per epoch)
 DEFAULT_RATIOS = (0.6, 0.2, 0.2)
 IMBALANCE_LIMIT = 3.0  # the tutorial's rule: classes should differ by no more than 1:3
 MIN_PER_CLASS = 3  # one image in each of train, val and test
@@ -220,6 +224,29 @@ class Split:
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {part: dict(Counter(self.classes[s.label] for s in samples)) for part, samples in self.parts.items()}
+
+    def fit_samples(self) -> list[Sample]:
+        """What the model is fitted on: train and the replay part, if any (int8 calibration sees both)."""
+        return [*self.parts["train"], *self.parts.get(REPLAY, [])]
+
+
+T = TypeVar("T")
+
+
+def balanced_subset(items: Sequence[T], n: int, seed: int, label: Callable[[T], int]) -> list[T]:
+    """Up to n items, as evenly spread over labels as the data allows (a seeded draw)."""
+    by_class: dict[int, list[T]] = defaultdict(list)
+    for item in items:
+        by_class[label(item)].append(item)
+    rng = random.Random(seed)
+    for group in by_class.values():
+        rng.shuffle(group)
+    picked: list[T] = []
+    while len(picked) < n and any(by_class.values()):
+        for key in sorted(by_class):
+            if by_class[key] and len(picked) < n:
+                picked.append(by_class[key].pop())
+    return picked
 
 
 def _part_sizes(n: int, ratios: Sequence[float]) -> tuple[int, int, int]:

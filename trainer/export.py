@@ -177,7 +177,7 @@ def export_run(run: Path | str | None, artifact: Path | str, out: Path | str, in
         from .quantize import calibration_batches
 
         split = load_split(Path(run) / SPLIT_FILE)
-        batches = calibration_batches(split.root, split["train"], read_manifest(artifact), calib_images)
+        batches = calibration_batches(split.root, split.fit_samples(), read_manifest(artifact), calib_images)
         with tempfile.TemporaryDirectory() as tmp:
             quantize_onnx(export_onnx(artifact, Path(tmp) / "fp32.onnx", opset), out, batches)
     else:

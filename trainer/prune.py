@@ -133,7 +133,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     batches = None
     if args.importance == "taylor":
         norm = manifest["normalization"]
-        loader = eval_loader(EvalDataset(split.root, split["train"], size), norm["mean"], norm["std"],
+        loader = eval_loader(EvalDataset(split.root, split.fit_samples(), size), norm["mean"], norm["std"],
                              batch_size=args.batch_size)
         batches = [b for _, b in zip(range(TAYLOR_BATCHES), loader, strict=False)]
     prune_model(model, args.keep, size, args.importance, batches)

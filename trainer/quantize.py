@@ -162,7 +162,7 @@ def quantize_run(run: Path | str, backend: str = "auto", calib_images: int = CAL
     split = load_split(run / SPLIT_FILE)
     float_model = load_float_model(artifact, manifest).eval()
     names = sorted(BACKENDS) if backend == "auto" else [backend]
-    batches = calibration_batches(split.root, split["train"], manifest, calib_images, seed=seed)
+    batches = calibration_batches(split.root, split.fit_samples(), manifest, calib_images, seed=seed)
     eval_samples = split[eval_split]
     t0 = time.perf_counter()
     fp32 = to_inference(copy.deepcopy(float_model))

@@ -63,10 +63,12 @@ from . import distill, plots, recipe
 from .calibrate import fit_temperature
 from .config import AMP_MODES, TrainConfig
 from .data import (
+    REPLAY,
     DataError,
     EvalDataset,
     Split,
     TrainDataset,
+    balanced_subset,
     check_dataset,
     eval_loader,
     load_split,
@@ -135,6 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide")
     g.add_argument("--focal-loss", action="store_true", help="focal loss (gamma 2) for imbalanced classes")
     g.add_argument("--balanced-sampling", action="store_true", help="sample every class equally often")
+    g.add_argument("--replay-per-epoch", type=int, metavar="N",
+                   help="a fine-tune's split with a replay part: each epoch trains on every new sample and a "
+                        "fresh class-balanced draw of N replayed ones (default: all of them)")
     g.add_argument("--freeze-bn", action="store_true",
                    help="batch-norm layers keep their running statistics (fine-tuning on a small set)")
     g.add_argument("--teacher", type=Path, metavar="RUN",
@@ -201,8 +206,20 @@ class Data:
     """The split and what the loop reads from it."""
 
     split: Split
-    train_set: TrainDataset
+    train_set: TrainDataset  # the split's train samples, then its replay samples (if any)
     val_loader: torch.utils.data.DataLoader
+
+    def epoch_indices(self, config: TrainConfig, epoch: int) -> list[int] | None:
+        """A fine-tune's epoch: every new sample and a fresh class-balanced draw of `replay_per_epoch`
+        replayed ones, so that over the epochs it rehearses the whole buffer at a fraction of the cost
+        per epoch. None: the whole set."""
+        n_new, n_all = len(self.split["train"]), len(self.train_set)
+        if config.replay_per_epoch is None or config.replay_per_epoch >= n_all - n_new:
+            return None
+        samples = self.train_set.samples
+        drawn = balanced_subset(range(n_new, n_all), config.replay_per_epoch, config.seed * 10_000 + epoch,
+                                label=lambda i: samples[i].label)
+        return [*range(n_new), *sorted(drawn)]
 
 
 @dataclass
@@ -274,10 +291,15 @@ def prepare_split(config: TrainConfig, run: Path) -> Split:
     return split
 
 
-def train_loader(dataset: TrainDataset, config: TrainConfig, epoch: int) -> torch.utils.data.DataLoader:
-    """Shuffled (or class-balanced) batches; the order depends on (seed, epoch) only."""
+def train_loader(data: Data, config: TrainConfig, epoch: int) -> torch.utils.data.DataLoader:
+    """Shuffled (or class-balanced) batches of the epoch's samples; the order depends on (seed, epoch) only."""
     gen = torch.Generator().manual_seed(config.seed * 10_000 + epoch)
-    sampler = recipe.balanced_sampler(dataset.labels(), gen) if config.balanced_sampling else None
+    dataset: torch.utils.data.Dataset = data.train_set
+    labels = data.train_set.labels()
+    indices = data.epoch_indices(config, epoch)
+    if indices is not None:
+        dataset, labels = torch.utils.data.Subset(dataset, indices), [labels[i] for i in indices]
+    sampler = recipe.balanced_sampler(labels, gen) if config.balanced_sampling else None
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
         num_workers=config.workers, drop_last=len(dataset) % config.batch_size == 1,
@@ -406,7 +428,7 @@ def prepare_data(config: TrainConfig, run: Path, input_size: tuple[int, int]) ->
     split = prepare_split(config, run)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     transform = recipe.train_transform(input_size, mean, std, config.min_crop, config.trivial_augment)
-    train_set = TrainDataset(split.root, split["train"], input_size, transform)
+    train_set = TrainDataset(split.root, split.fit_samples(), input_size, transform)
     val_loader = eval_loader(EvalDataset(split.root, split["val"], input_size), mean, std,
                              batch_size=config.batch_size, workers=config.workers)
     return Data(split, train_set, val_loader)
@@ -430,7 +452,7 @@ def make_optimization(config: TrainConfig, model: nn.Module, pretrained: bool, d
     lr = config.lr or recipe.default_lr(pretrained, config.freeze)
     criterion = recipe.make_criterion(config.focal_loss, config.label_smoothing)
     optimizer = recipe.make_optimizer(model, lr, config.weight_decay)
-    steps_per_epoch = len(train_loader(data.train_set, config, 0))
+    steps_per_epoch = len(train_loader(data, config, 0))
     warmup = recipe.warmup_epochs_for(config.epochs, config.warmup_epochs)
     scheduler = recipe.warmup_cosine(optimizer, warmup * steps_per_epoch, config.epochs * steps_per_epoch)
     config = dataclasses.replace(config, lr=lr, amp=resolve_amp(config.amp, device))
@@ -447,7 +469,8 @@ def describe_training(config: TrainConfig, weights: WeightsInfo, frozen: int, op
             "weights_path": weights.path, "freeze": config.freeze,
             "frozen_tensors": frozen, "lr": config.lr, "weight_decay": config.weight_decay, "epochs": config.epochs,
             "warmup_epochs": opt.warmup, "batch_size": config.batch_size, "label_smoothing": config.label_smoothing,
-            "focal_loss": config.focal_loss, "balanced_sampling": config.balanced_sampling, "ema": config.ema,
+            "focal_loss": config.focal_loss, "balanced_sampling": config.balanced_sampling,
+            "replay_per_epoch": config.replay_per_epoch, "ema": config.ema,
             "amp": config.amp, "channels_last": config.channels_last, "clip_grad_norm": config.clip_grad_norm,
             "min_crop": config.min_crop, "trivial_augment": config.trivial_augment, "seed": config.seed,
             "select_by": config.select_by, "patience": config.patience, "min_epochs": config.min_epochs,
@@ -471,7 +494,8 @@ def save_config(run: Path, config: TrainConfig, training: dict[str, Any], data: 
     (run / CONFIG_FILE).write_text(json.dumps({**options, **recorded}, indent=2) + "\n")
     log.info("training", **{k: training[k] for k in ("arch", "weights", "freeze", "lr", "epochs", "warmup_epochs",
                                                     "batch_size", "input_size", "device", "threads", "amp")},
-             train=len(data.split["train"]), val=len(data.split["val"]), test=len(data.split["test"]))
+             train=len(data.split["train"]), replay=len(data.split.parts.get(REPLAY, [])),
+             val=len(data.split["val"]), test=len(data.split["test"]))
 
 
 def resume_from(checkpoint: dict[str, Any], model: nn.Module, opt: Optimization) -> Progress:
@@ -543,7 +567,7 @@ def train_loop(config: TrainConfig, run: Path, model: nn.Module, opt: Optimizati
             break
         t0 = time.perf_counter()
         torch.manual_seed(config.seed * 10_000 + epoch)  # augmentation draws: reproducible across --resume
-        loader = train_loader(data.train_set, config, epoch)
+        loader = train_loader(data, config, epoch)
         train_loss, train_acc = train_one_epoch(model, opt.criterion, opt.optimizer, opt.scheduler, loader, device,
                                                 config, epoch, opt.scaler, opt.ema, opt.distiller)
         judged = opt.ema.module if opt.ema is not None else model

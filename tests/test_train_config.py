@@ -96,8 +96,8 @@ def _old_updater_argv(args: argparse.Namespace, run: Path, weights: Path, manife
     argv += ["--freeze", args.freeze]
     if args.replay_per_epoch is not None:
         argv += ["--replay-per-epoch", str(args.replay_per_epoch)]
-    if backend:  # the gate judges the int8 drop (--max-int8-drop) on the holdouts; the trainer keeps int8
-        argv += ["--int8-backend", backend, "--int8-max-drop", "100"]
+    if backend:
+        argv += ["--int8-backend", backend, "--int8-max-drop", str(args.max_int8_drop)]
     else:
         argv += ["--no-quantize"]
     if args.threads:

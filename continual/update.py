@@ -410,8 +410,7 @@ def fine_tune(args: argparse.Namespace, run: Path, current: Path, manifest: dict
         # The gate judges the int8 drop itself (--max-int8-drop): with the trainer's own stricter default, a
         # 2-image wobble on a small validation share left the candidate fp32, and the gate then refused it as
         # several times slower than its int8 parent. (Still possible at the gate's bar: on an AVX2 host one
-        # seed's int8 lost 4 of 132 validation images and stayed fp32; letting the trainer always keep int8
-        # made the gate refuse tiny test models on their int8 drop instead. Open: judge int8 on more images.)
+        # seed's int8 lost 4 of 132 validation images and stayed fp32. Open: judge int8 on more images.)
         optional.update(int8_backend=backend, int8_max_drop=args.max_int8_drop)
     else:
         optional["quantize"] = False

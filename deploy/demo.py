@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from worker.settings import redis_configured
 from . import base_cache
 from .cameras import SimulatedCamera, labelled_images
 from .monitor import Monitor, write_report
-from .workers import ROOT, pythonpath, start_worker, stop_worker, wait_registered
+from .workers import ROOT, exit_on_sigterm, pythonpath, start_worker, stop_worker, wait_registered
 
 DRIFT = "night"
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.logs import configure_logging
 
     configure_logging("console", "warning")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    exit_on_sigterm(130)
     try:
         return run(QUICK if a.quick else FULL, a.out, a.workers, a.base_run, a.cache)
     except KeyboardInterrupt:

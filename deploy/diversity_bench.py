@@ -45,7 +45,7 @@ from .cameras import labelled_images
 from .demo import DRIFT, FULL, QUICK, update_argv
 from .simulated_reviewer import NAME as REVIEWER
 from .update_bench import EVAL_SETS, fresh_store, row, score_eval
-from .workers import ROOT, pythonpath
+from .workers import ROOT, exit_on_sigterm, pythonpath
 
 NIGHT, DEFAULT = f"unseen_eval-{DRIFT}", "unseen_eval-default"
 RECOVERY_SHARES = (0.5, 0.8, 0.9, 1.0)
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the updates an earlier run in OUT finished (same selections: they are deterministic); "
                         "score and report only")
     a = p.parse_args(argv)
+    exit_on_sigterm()
     budgets = sorted(int(b) for b in a.budgets.split(","))
     strategies = [{"diverse": "uncertainty+diversity"}.get(s, s) for s in a.strategies.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ scikit-learn's `load_digits` (1797 handwritten 8x8 grayscale digits), upscaled t
   2. `trainer.train` learns digits 0-8 from scratch (resnet18, 32 px, int8 FX);
   3. published to an embedded Redis, then `continual.fewshot add --class 9` from 5 examples of 9;
   4. against: a full fine-tune on the same 5 examples, continual.update's recipe (the head grown by
-     update.grow_head, a class-balanced replay of 400 base-train images, its lr and epochs);
+     update.grow_head, its class-balanced replay buffer drawn afresh each epoch, its lr and epochs);
 and reports, on the held-out test set, the 9s' accuracy and the old digits' accuracy and drop.
 Writes OUT/fewshot_digits.json and prints a markdown table.
 """
@@ -71,7 +71,7 @@ def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int,
     from continual import update
     from continual.dataset import _balanced, _link
     from trainer.config import TrainConfig
-    from trainer.data import Sample, Split, load_split, save_split
+    from trainer.data import REPLAY, Sample, Split, load_split, save_split
     from trainer.train import run_training
     from worker.artifact import read_manifest
 
@@ -87,16 +87,17 @@ def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int,
         return [Sample(f"base/{s.path}", classes.index(base.classes[s.label]), s.sha256) for s in samples]
 
     new = [Sample(f"new/{p.name}", classes.index(NEW), "") for p in examples]
-    train = new + _balanced(rebased(base["train"]), update.REPLAY, seed)
+    replayed = _balanced(rebased(base["train"]), update.REPLAY, seed)
     split = Split(root, classes, seed, (0.0, 0.0, 0.0),
-                  {"train": train, "val": rebased(base["val"]), "test": rebased(base["test"])})
+                  {"train": new, REPLAY: replayed, "val": rebased(base["val"]), "test": rebased(base["test"])})
     save_split(split, out / "split.json")
     grown = update.grow_head(base_run / "artifact", manifest, classes, out / "grown.safetensors")
     config = TrainConfig(
         out=out / "train", split_file=out / "split.json", arch=manifest["arch"], input_size=str(SIZE),
         weights=str(grown), epochs=epochs, lr=update.LR, warmup_epochs=update.WARMUP_EPOCHS,
         min_epochs=min(update.MIN_EPOCHS, epochs), patience=update.PATIENCE, select_by=update.SELECT_BY,
-        seed=seed, batch_size=32, threads=threads, progress=False, quantize=False)
+        replay_per_epoch=update.REPLAY_PER_EPOCH, seed=seed, batch_size=32, threads=threads, progress=False,
+        quantize=False)
     if run_training(config) != 0:
         raise RuntimeError("the full fine-tune failed")
     return out / "train" / "artifact"
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("var/fewshot_digits"))
     p.add_argument("--epochs", type=int, default=15, help="base training on 0-8")
-    p.add_argument("--ft-epochs", type=int, default=8, help="the full fine-tune's epochs (continual.update's)")
+    p.add_argument("--ft-epochs", type=int, help="the full fine-tune's epochs (default: continual.update's)")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     few = accuracy(result.candidate, test_root, classes)
 
     t0 = time.perf_counter()
-    tuned = full_fine_tune(base_run, examples, out / "finetune", args.ft_epochs, args.threads, args.seed)
+    from continual import update
+
+    tuned = full_fine_tune(base_run, examples, out / "finetune", args.ft_epochs or update.EPOCHS, args.threads,
+                           args.seed)
     timings["fine_tune_s"] = time.perf_counter() - t0
     ft = accuracy(tuned, test_root, classes)
 

@@ -36,7 +36,7 @@ from worker.registry import ModelRegistry
 
 from .cameras import labelled_images
 from .demo import DRIFT, FULL, QUICK, update_argv
-from .workers import ROOT, pythonpath
+from .workers import ROOT, exit_on_sigterm, pythonpath
 
 EVAL_SETS = (f"eval-{DRIFT}", "eval-default")
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", type=Path, default=ROOT, help="checkout whose continual.update runs (default: this)")
     p.add_argument("update_flags", nargs=argparse.REMAINDER, help="after --: extra continual.update flags")
     a = p.parse_args(argv)
+    exit_on_sigterm()
     extra = [f for f in a.update_flags if f != "--"]
     a.out.mkdir(parents=True, exist_ok=True)
     store = fresh_store(a.work / "store", a.out / "store")

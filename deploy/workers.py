@@ -25,6 +25,12 @@ def pythonpath(root: Path = ROOT, env: dict[str, str] | None = None) -> str:
     return str(root) + (os.pathsep + rest if rest else "")
 
 
+def exit_on_sigterm(code: int = 143) -> None:
+    """SIGTERM unwinds like SIGINT: `with` blocks (an embedded redis-server, started workers) clean up.
+    By default SIGTERM ends the process at once and its children outlive it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(code))
+
+
 def start_worker(redis_url: str, name: str, env: dict[str, str] | None = None, worker_args: list[str] | None = None,
                  output: int | None = subprocess.PIPE, queue: str = "inference") -> subprocess.Popen:
     """`rq worker` in its own process group (so a signal reaches it and nothing else)."""

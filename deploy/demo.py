@@ -269,6 +269,7 @@ def run(prof: Profile, out: Path, n_workers: int, base_run: Path | None = None, 
             f"initial model on {DRIFT} frames": _fmt(before.get((v1, DRIFT))),
             f"updated model on {DRIFT} frames": _fmt(after.get((v2, DRIFT))) if v2 != v1 else "–",
             "updated model on default frames": _fmt(after.get((v2, "default"))) if v2 != v1 else "–",
+            "initial model on those same frames (scored offline)": _initial_on_eval(run_dir / "artifact", work),
             "update verdict": verdict,
             "drift alarm (continual.drift, nobody told it)": _alarm_text(monitor, drift_start),
             "failures (the worker's reason)": "; ".join(sorted(set(monitor.failures.values())))[:300] or "none",
@@ -339,6 +340,18 @@ def update_argv(prof: Profile, url: str, store: Path, out: Path, base_split: Pat
             *(["--replay-per-epoch", str(prof.replay_per_epoch)] if prof.replay_per_epoch else []),
             # The demo's holdouts are a few hundred images, where 1 point is 3 frames: allow 2 for int8.
             "--max-int8-drop", "2"]
+
+
+def _initial_on_eval(artifact: Path, work: Path) -> str:
+    """The initial model on the evaluation frames the updated one is judged on after the swap, scored as a
+    worker serves it: its streamed figures come from other frames, which differ by a point or more."""
+    from .update_bench import EVAL_SETS, score_eval
+
+    try:
+        scores = score_eval(artifact, {name: labelled_images(work / name) for name in EVAL_SETS})
+    except Exception as exc:  # a comparison for the summary: never worth failing the demo over
+        return f"– ({type(exc).__name__}: {exc})"
+    return f"{DRIFT} {scores[f'eval-{DRIFT}']:.1%}, default {scores['eval-default']:.1%}"
 
 
 def _fmt(cell: tuple[int, float] | None) -> str:

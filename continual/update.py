@@ -95,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="where update runs are written (default: $CONTINUAL_RUNS, else var/updates)")
     p.add_argument("--base-split", type=Path, default=None,
-                   help="split.json of the original training data: its test part is the original holdout, "
-                        "its train part feeds the replay buffer (default: $CONTINUAL_BASE_SPLIT)")
+                   help="split.json of the original training data: its test part, and the val images the update "
+                        "does not validate on, are the original holdout; its train part feeds the replay buffer "
+                        "(default: $CONTINUAL_BASE_SPLIT)")
     p.add_argument("--min-new-labels", type=int, default=50)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--replay", type=int, default=REPLAY, help=f"replay buffer size (class-balanced; default {REPLAY})")

@@ -66,7 +66,8 @@ def accuracy(artifact: Path, root: Path, classes: list[str], precision: str = "a
             "n_old": int((~new).sum())}
 
 
-def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int, threads: int, seed: int) -> Path:
+def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int | None, threads: int,
+                   seed: int) -> Path:
     """continual.update's fine-tune on the 5 examples: grown head, balanced replay, the updater's recipe."""
     from continual import update
     from continual.dataset import _balanced, _link
@@ -92,6 +93,7 @@ def full_fine_tune(base_run: Path, examples: list[Path], out: Path, epochs: int,
                   {"train": new, REPLAY: replayed, "val": rebased(base["val"]), "test": rebased(base["test"])})
     save_split(split, out / "split.json")
     grown = update.grow_head(base_run / "artifact", manifest, classes, out / "grown.safetensors")
+    epochs = epochs or update.EPOCHS
     config = TrainConfig(
         out=out / "train", split_file=out / "split.json", arch=manifest["arch"], input_size=str(SIZE),
         weights=str(grown), epochs=epochs, lr=update.LR, warmup_epochs=update.WARMUP_EPOCHS,
@@ -162,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     few = accuracy(result.candidate, test_root, classes)
 
     t0 = time.perf_counter()
-    from continual import update
-
-    tuned = full_fine_tune(base_run, examples, out / "finetune", args.ft_epochs or update.EPOCHS, args.threads,
-                           args.seed)
+    tuned = full_fine_tune(base_run, examples, out / "finetune", args.ft_epochs, args.threads, args.seed)
     timings["fine_tune_s"] = time.perf_counter() - t0
     ft = accuracy(tuned, test_root, classes)
 

@@ -92,7 +92,7 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     train = from_store(new_train)
     replayed = _balanced(replay_pool, replay, seed)
     base_val = from_base(base["val"]) if base else []
-    val_slice = _balanced(base_val, max(len(new_val), 64), seed) if base else []
+    val_slice = _balanced(base_val, max(len(new_val), 64), seed)  # empty without a base split
     val = from_store(new_val) + val_slice
     in_val = {s.path for s in val_slice}
     unused_val = [s for s in base_val if s.path not in in_val]

@@ -116,7 +116,8 @@ def score_eval(artifact: Path, eval_sets: dict[str, list[tuple[Path, str]]]) -> 
     classes = read_manifest(artifact)["class_names"]
     out = {}
     for name, images in eval_sets.items():
-        samples = [Sample(str(path), classes.index(label), "") for path, label in images]
+        # absolute: the images are read under root "/", and --work (or the demo's --out) may be relative
+        samples = [Sample(str(Path(path).resolve()), classes.index(label), "") for path, label in images]
         preds = predictions(artifact, Path("/"), samples, classes)
         out[name] = float((preds == np.array([s.label for s in samples])).mean())
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -133,3 +134,17 @@ def test_learning_loop_mechanics(base_run, tmp_path, redis_url, redis_conn, caps
     assert rollback_main(["--redis-url", redis_url]) == 0
     assert registry.current() == v1
     assert read_manifest(base_run / "artifact")["version"] == v1
+
+
+def test_the_evaluation_score_reads_images_given_relative_to_the_working_directory(base_run, monkeypatch):
+    # The demo and the benches take a relative --out / --work (demo-out by default): its images must still
+    # be found, not looked up under "/".
+    from deploy.cameras import labelled_images
+    from deploy.update_bench import score_eval
+
+    data = Path(json.loads((base_run / "split.json").read_text())["root"])
+    monkeypatch.chdir(data.parent)
+    images = labelled_images(Path(data.name))
+    assert images and not images[0][0].is_absolute()
+    scores = score_eval(base_run / "artifact", {"colours": images})
+    assert 0.0 <= scores["colours"] <= 1.0

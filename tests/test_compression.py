@@ -18,8 +18,6 @@ from worker.runtime import InferenceEngine
 
 SIZE = 32
 
-pytest.importorskip("torch_pruning")
-
 
 def _x(n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -79,6 +77,7 @@ def test_attention_artifact_rebuilds_quantizes_and_serves(tmp_path: Path) -> Non
 
 
 def test_pruned_model_is_smaller_rebuilds_without_pickle_and_quantizes(tmp_path: Path) -> None:
+    pytest.importorskip("torch_pruning")
     from trainer.prune import conv_widths, count, prune_model
     from trainer.weights import load_file_weights
 
@@ -117,3 +116,48 @@ def test_a_manifest_with_impossible_widths_is_a_bad_artifact() -> None:
         build_from_manifest({**manifest, "pruned_channels": {"conv1": [3, -1]}})
     with pytest.raises(ArtifactError, match="ResNets"):
         build_from_manifest({"arch": "mobilenet_v3_small", "class_names": CLASSES, "attention": "se"})
+
+
+def test_a_half_width_network_trains_from_scratch_records_its_widths_and_serves_int8(tmp_path: Path) -> None:
+    from trainer.weights import load_model
+
+    torch.manual_seed(0)
+    model, info = load_model("resnet18", len(CLASSES), "none", width_mult=0.5)
+    full = build_model("resnet18", len(CLASSES))
+    assert not info.pretrained
+    assert (model.conv1.in_channels, model.conv1.out_channels) == (3, 32)  # the image keeps its 3 channels
+    assert model.layer4[1].conv2.out_channels == 256 and model.fc[1].in_features == 256
+    assert model.fc[1].out_features == len(CLASSES)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < 0.3 * sum(p.numel() for p in full.parameters())
+
+    manifest = _write(tmp_path / "w", model.eval())
+    assert manifest["pruned_channels"]["layer3.0.downsample.0"] == [64, 128]  # what the worker rebuilds from
+    rebuilt = load_float_model(tmp_path / "w", read_manifest(tmp_path / "w"))
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(_x()), model(_x()))
+    _serve(tmp_path / "w")
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_depthwise_and_squeeze_excite_networks_narrow_too(arch: str) -> None:
+    from worker.model import build_architecture, pruned_channels
+
+    model = build_architecture(arch, len(CLASSES), width_mult=0.5).eval()
+    rebuilt = build_from_manifest({"arch": arch, "class_names": CLASSES,
+                                   "pruned_channels": pruned_channels(model, arch)}).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with torch.inference_mode():
+        assert model(_x(2)).shape == (2, len(CLASSES))
+
+
+def test_a_network_the_width_rule_cannot_narrow_is_refused_by_name() -> None:
+    from trainer.config import TrainConfig
+    from worker.model import build_architecture
+
+    with pytest.raises(ValueError, match="cannot narrow ConvNeXt"):
+        build_architecture("convnext_tiny", len(CLASSES), width_mult=0.5)
+    with pytest.raises(ValueError, match=r"within 0\.05 and 4"):
+        build_architecture("resnet18", len(CLASSES), width_mult=0)
+    with pytest.raises(ValueError, match="from scratch"):  # pretrained weights fix the widths
+        TrainConfig(out=Path("run"), arch="resnet18", weights="imagenet", width_mult=0.5)

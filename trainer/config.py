@@ -53,6 +53,7 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet, none, or a weights file / artifact folder
     freeze: str = "none"
     attention: str | None = None
+    width_mult: float = 1.0  # narrow (or widen) a network trained from scratch: worker.model.scale_width
     input_size: str = "224"  # N or HxW
     # -- recipe
     epochs: int = recipe.EPOCHS
@@ -106,6 +107,9 @@ class TrainConfig:
                              f"got {self.int8_backend!r}")
         if self.attention not in (None, *ATTENTION_KINDS):
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.width_mult != 1 and self.weights != "none":
+            raise ValueError(f"--width-mult {self.width_mult} builds a new, narrower network: it trains from scratch "
+                             f"(--weights none), while --weights {self.weights} already fixes the widths")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

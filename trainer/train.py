@@ -119,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze", help="none, head (train only the head), or a stage such as layer2")
     g.add_argument("--attention", choices=ATTENTION_KINDS,
                    help="add squeeze-and-excitation or CBAM blocks to a ResNet's residual blocks (identity at start)")
+    g.add_argument("--width-mult", type=float,
+                   help="every layer this many times as wide, from scratch (0.5: about 1/4 of the compute; "
+                        "default %(default)s)")
     g.add_argument("--input-size", help="N or HxW (default %(default)s; 128 is the tutorial's fast option)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int)
@@ -436,7 +439,8 @@ def prepare_data(config: TrainConfig, run: Path, input_size: tuple[int, int]) ->
 
 def make_model(config: TrainConfig, num_classes: int, device: torch.device) -> tuple[nn.Module, WeightsInfo, int]:
     """2. the network from its starting weights, frozen by policy; also how many tensors were frozen."""
-    model, weights = load_model(config.arch, num_classes, config.weights, config.attention)
+    model, weights = load_model(config.arch, num_classes, config.weights, config.attention,
+                                config.width_mult)
     frozen = recipe.apply_freeze(model, config.freeze)
     if config.freeze != "none" and not weights.pretrained:
         log.warning("freezing randomly initialised layers: they will never learn", freeze=config.freeze)
@@ -465,7 +469,8 @@ def make_optimization(config: TrainConfig, model: nn.Module, pretrained: bool, d
 def describe_training(config: TrainConfig, weights: WeightsInfo, frozen: int, opt: Optimization,
                       input_size: tuple[int, int], device: torch.device) -> dict[str, Any]:
     """The recipe as the artifact's manifest records it ("training"); the updater and pruning read it back."""
-    return {"arch": config.arch, "attention": config.attention, "weights": weights.source,
+    return {"arch": config.arch, "attention": config.attention, "width_mult": config.width_mult,
+            "weights": weights.source,
             "weights_path": weights.path, "freeze": config.freeze,
             "frozen_tensors": frozen, "lr": config.lr, "weight_decay": config.weight_decay, "epochs": config.epochs,
             "warmup_epochs": opt.warmup, "batch_size": config.batch_size, "label_smoothing": config.label_smoothing,

@@ -191,15 +191,18 @@ def load_file_weights(arch: str, num_classes: int, path: Path | str,
     return model, WeightsInfo("file", True, str(path))
 
 
-def load_model(arch: str, num_classes: int, weights: str,
-               attention: str | None = None) -> tuple[nn.Module, WeightsInfo]:
+def load_model(arch: str, num_classes: int, weights: str, attention: str | None = None,
+               width_mult: float = 1.0) -> tuple[nn.Module, WeightsInfo]:
     """`arch` with our head for `num_classes`, started from `weights`: 'imagenet', 'none' or a path.
 
     `attention` ('se', 'cbam') adds identity-initialised blocks after the weights are in, so the
-    pretrained network computes exactly what it did (worker.attention).
+    pretrained network computes exactly what it did (worker.attention). `width_mult` (from scratch
+    only) scales every layer's width (worker.model.scale_width).
     """
     if weights == "none":
-        return build_architecture(arch, num_classes, attention), WeightsInfo("none", False)
+        return build_architecture(arch, num_classes, attention, width_mult=width_mult), WeightsInfo("none", False)
+    if width_mult != 1:
+        raise WeightsError(f"a width multiplier ({width_mult}) builds a new network: train it with weights 'none'")
     if weights == "imagenet":
         check_available(arch, weights)
         model, info = load_imagenet(arch, num_classes)

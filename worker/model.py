@@ -155,12 +155,62 @@ def apply_channels(model: nn.Module, channels: dict[str, Any], num_classes: int 
     return model
 
 
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """torchvision's rounding for MobileNet's width multiplier: a multiple of 8, never 10 % under `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def scale_width(model: nn.Module, mult: float) -> nn.Module:
+    """Every convolution and batch norm `mult` times as wide (multiples of 8), and the head's input with them.
+
+    The width multiplier of MobileNet (Howard et al. 2017) applied to any convolutional torchvision
+    classifier: each new width is a function of the old one alone, so layers that must agree (a
+    residual sum, a depthwise conv and its input) still agree. The first convolution keeps the
+    image's 3 channels and the head its class count. The layers get random weights (train from
+    scratch); the manifest records the widths as `pruned_channels`, so the worker needs nothing new.
+    A network the rule cannot narrow (transformers, ConvNeXt's layer norms) raises ValueError.
+    """
+    if not 0.05 <= mult <= 4:
+        raise ValueError(f"a width multiplier must be within 0.05 and 4, got {mult}")
+    head_parent, head_attr = _head_slot_after_replace(model)
+    head = (head_parent[int(head_attr)] if head_attr.isdigit() else getattr(head_parent, head_attr))[1]
+    channels: dict[str, list[int]] = {}
+    first_conv = True
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            c_in = module.in_channels if first_conv else make_divisible(module.in_channels * mult)
+            channels[name] = [c_in, make_divisible(module.out_channels * mult)]
+            first_conv = False
+        elif isinstance(module, nn.BatchNorm2d):
+            channels[name] = [make_divisible(module.num_features * mult)] * 2
+        elif isinstance(module, nn.Linear):
+            out = module.out_features if module is head else make_divisible(module.out_features * mult)
+            channels[name] = [make_divisible(module.in_features * mult), out]
+    try:
+        apply_channels(model, channels)
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, 128, 128))
+    except Exception as exc:  # whatever the forward pass raised: this network cannot be narrowed
+        raise ValueError(f"a width multiplier cannot narrow {type(model).__name__}: its layers no longer fit "
+                         f"together ({str(exc)[:120]}); it suits convolutional networks such as resnet, "
+                         f"mobilenet or efficientnet") from None
+    return model.train()
+
+
 def build_architecture(arch: str, num_classes: int, attention: str | None = None,
-                       channels: dict[str, Any] | None = None, dropout: float = HEAD_DROPOUT) -> nn.Module:
-    """`arch` with our head, plus attention blocks and pruned widths: random weights, the exact shapes."""
+                       channels: dict[str, Any] | None = None, dropout: float = HEAD_DROPOUT,
+                       width_mult: float = 1.0) -> nn.Module:
+    """`arch` with our head, plus attention blocks and pruned widths: random weights, the exact shapes.
+
+    `width_mult` narrows (or widens) the whole network first (`scale_width`); attention blocks then
+    follow the new widths.
+    """
     from .attention import add_attention
 
     model = build_model(arch, num_classes, dropout)
+    if width_mult != 1:
+        scale_width(model, width_mult)
     if attention:
         add_attention(model, attention)
     if channels:

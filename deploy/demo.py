@@ -63,8 +63,8 @@ class Profile:
 # FULL: 400 labels, because recovery grows with them (deploy/diversity_bench.py: 20 → 62 %, 40 → 71 %,
 # 179 → 89.5 % on unseen night frames) and 800 night images to capture them from; 400 unseen images per
 # condition to judge by, so that one image is a quarter of a point. Half-width resnet18 (2.8 M parameters):
-# it trains 3.6x faster than the full width on an AVX2-only host (125 against 35 img/s), so a first run
-# fits 10 minutes there, and over 10 seeds its update recovers night frames as well (README).
+# a base epoch takes 9.5 s on an AVX2-only host where the full width took 22-31 s, so a first run fits
+# 10 minutes there, and over 10 seeds its update recovered night frames better (README "The demo").
 FULL = Profile(train_images=1400, stream_images=800, eval_images=400, size=96, width_mult=0.5, epochs=16,
                phase_a_s=25, min_labels=400, update_epochs=16, replay=800, replay_per_epoch=400, fps=8, capture_fps=16,
                eval_fps=32)

@@ -68,11 +68,11 @@ REPLAY = 800
 # real AVX2 host (2026-11-29, full-width resnet18) the whole buffer over 16 epochs at lr 1e-3 took ~13 min
 # of the demo's update while it served; half of it over 12 epochs, 6.9. lr 1e-3: 2e-3 learned the night
 # frames faster (91-92 %) but forgot the original holdout on one of two frozen states (-4.3 and -2.1
-# points, refused); 1e-3
-# was promoted on both (88.8, 89.8 %), 1.5e-3 on the one tried (89.5 %), but failed the 3-epoch
-# mechanics test's promotion here (docs/demo-history.md, "The AVX2 host"). Over 10 seeds on each of three
-# frozen states (one under AVX2 kernels): 28 of 30 promoted, 25 of 30 at >= 90 % on night (full width, 12
-# epochs; docs/demo-history.md). The half-width base at 16 epochs: 10 of 10, all >= 91.2 % (README "The demo").
+# points, refused); 1e-3 was promoted on both (88.8, 89.8 %), 1.5e-3 on the one tried (89.5 %), but
+# failed the 3-epoch mechanics test's promotion here (docs/demo-history.md, "The AVX2 host"). Over 10
+# seeds on each of three frozen states (one under AVX2 kernels): 28 of 30 promoted, 25 of 30 at >= 90 % on
+# night (full width, 12 epochs; docs/demo-history.md). The half-width base at 16 epochs: 10 of 10, all
+# >= 91.2 % (README "The demo").
 REPLAY_PER_EPOCH: int | None = 400
 FREEZE = "none"  # freezing the stem and layer1 (1.28x faster) kept night frames at 75 %: the drift is low-level
 # The whole cosine schedule, keeping the best epoch by the gate's metric. With patience 3 on a hundred

@@ -470,8 +470,7 @@ def describe_training(config: TrainConfig, weights: WeightsInfo, frozen: int, op
                       input_size: tuple[int, int], device: torch.device) -> dict[str, Any]:
     """The recipe as the artifact's manifest records it ("training"); the updater and pruning read it back."""
     return {"arch": config.arch, "attention": config.attention, "width_mult": config.width_mult,
-            "weights": weights.source,
-            "weights_path": weights.path, "freeze": config.freeze,
+            "weights": weights.source, "weights_path": weights.path, "freeze": config.freeze,
             "frozen_tensors": frozen, "lr": config.lr, "weight_decay": config.weight_decay, "epochs": config.epochs,
             "warmup_epochs": opt.warmup, "batch_size": config.batch_size, "label_smoothing": config.label_smoothing,
             "focal_loss": config.focal_loss, "balanced_sampling": config.balanced_sampling,

@@ -196,13 +196,12 @@ def load_model(arch: str, num_classes: int, weights: str, attention: str | None 
     """`arch` with our head for `num_classes`, started from `weights`: 'imagenet', 'none' or a path.
 
     `attention` ('se', 'cbam') adds identity-initialised blocks after the weights are in, so the
-    pretrained network computes exactly what it did (worker.attention). `width_mult` (from scratch
-    only) scales every layer's width (worker.model.scale_width).
+    pretrained network computes exactly what it did (worker.attention). `width_mult` scales every
+    layer's width of a network from scratch (worker.model.scale_width); TrainConfig refuses it with
+    other weights, whose shapes fix the widths.
     """
     if weights == "none":
         return build_architecture(arch, num_classes, attention, width_mult=width_mult), WeightsInfo("none", False)
-    if width_mult != 1:
-        raise WeightsError(f"a width multiplier ({width_mult}) builds a new network: train it with weights 'none'")
     if weights == "imagenet":
         check_available(arch, weights)
         model, info = load_imagenet(arch, num_classes)

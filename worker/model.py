@@ -42,9 +42,13 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float = HEAD_DROPO
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(_our_head(model).parameters())
+
+
+def _our_head(model: nn.Module) -> nn.Sequential:
+    """Our Dropout + Linear head of `model` (after replace_head)."""
     parent, attr = _head_slot_after_replace(model)
-    module = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
-    return list(module.parameters())
+    return parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
 
 
 def _head_slot_after_replace(model: nn.Module) -> tuple[nn.Module, str]:
@@ -135,9 +139,7 @@ def apply_channels(model: nn.Module, channels: dict[str, Any], num_classes: int 
     """
     if not isinstance(channels, dict) or len(channels) > MAX_PRUNED_LAYERS:
         raise ValueError(f"pruned_channels must be an object of at most {MAX_PRUNED_LAYERS} layers")
-    head_parent, head_attr = _head_slot_after_replace(model)
-    head = head_parent[int(head_attr)] if head_attr.isdigit() else getattr(head_parent, head_attr)
-    head_linear = head[1]
+    head_linear = _our_head(model)[1]
     for name, widths in channels.items():
         try:
             module = model.get_submodule(name)
@@ -173,8 +175,7 @@ def scale_width(model: nn.Module, mult: float) -> nn.Module:
     """
     if not 0.05 <= mult <= 4:
         raise ValueError(f"a width multiplier must be within 0.05 and 4, got {mult}")
-    head_parent, head_attr = _head_slot_after_replace(model)
-    head = (head_parent[int(head_attr)] if head_attr.isdigit() else getattr(head_parent, head_attr))[1]
+    head = _our_head(model)[1]
     channels: dict[str, list[int]] = {}
     first_conv = True
     for name, module in model.named_modules():
@@ -281,6 +282,4 @@ def architecture_fields(model: nn.Module, arch: str, attention: str | None = Non
 
 
 def _num_outputs(model: nn.Module) -> int:
-    parent, attr = _head_slot_after_replace(model)
-    head = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
-    return head[1].out_features
+    return _our_head(model)[1].out_features

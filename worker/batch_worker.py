@@ -4,12 +4,16 @@
 
 One batch, end to end:
   1. `dequeue_job_and_maintain_ttl`  wait for a free batch slot, then for the first frame (BLMOVE);
-                 an idle worker swaps models and runs recovery here too.
+                 an idle worker swaps models and runs recovery here too. While a batch is still
+                 waiting for or in the forward pass, `_wait_for_turn` claims ahead only frames that
+                 are already queued (no worker was free for them): a frame that arrives then goes to
+                 a worker blocked on the queue, not behind this worker's forward pass.
   2. `_take`     claim it and every frame ready behind it, up to `max_batch`, in one server-side
                  script (`rq_internals.claim_batch`): each job hash size-checked in Redis, marked
-                 started under an RQ execution with a lease, exactly as RQ marks one job.
-     `_collect`  claim more the same way, polling for at most `max_wait_ms` while fewer are ready.
-  3. `_judge`    judge every frame (`outcomes.judge`) and start decoding the acceptable ones.
+                 started under an RQ execution with a lease, exactly as RQ marks one job; then
+                 `_admit` judges each frame (`outcomes.judge`) and starts decoding the acceptable ones.
+     `_collect`  claim more the same way: while the forward pass is busy (the batch could not run
+                 sooner), else polling for at most `max_wait_ms` while fewer are ready.
   4. `_infer`    on the inference thread, while the main thread collects the next batch: wait for
                  the decodes, one forward pass, one outcome per frame (a corrupt frame fails alone).
   5. `_finish`   on the finish thread, while the next forward pass runs: one script call records
@@ -74,6 +78,10 @@ T = TypeVar("T")
 
 BLOCK_S = 1.0  # longest blocking dequeue: stop requests, idle swaps and maintenance wait no longer
 SUSPEND_POLL_S = 0.1
+# How often a worker whose forward pass is busy looks for queued frames (VQ_CLAIM_AHEAD=backlog).
+# Coarse is enough: a frame found later only starts decoding later, as the batch cannot run before
+# the forward pass ends, and the end of the forward pass is not waited for by polling.
+AHEAD_POLL_S = 0.005
 
 
 @dataclass
@@ -127,6 +135,9 @@ class BatchWorker(SimpleWorker):
         self._finishing: stdqueue.Queue[Batch | None] = stdqueue.Queue()
         # Three batches in hand at most: one decoding, one in the forward pass, one being recorded.
         self._slots = threading.Semaphore(3)
+        self._unrun = 0  # batches handed to the inference thread whose forward pass has not ended
+        self._forward_free = threading.Event()
+        self._forward_free.set()
         self._batches: dict[int, Batch] = {}
         self._lock = threading.Lock()
         self._stop_threads = threading.Event()
@@ -325,7 +336,8 @@ class BatchWorker(SimpleWorker):
             if not self._slots.acquire(timeout=BLOCK_S):
                 continue
             try:
-                batch = self._first_claims(queue, timeout)
+                ahead = self._wait_for_turn(queue)
+                batch = self._first_claims(queue, None if ahead else timeout)
             except BaseException:
                 self._slots.release()
                 raise
@@ -339,10 +351,30 @@ class BatchWorker(SimpleWorker):
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
+    def _wait_for_turn(self, queue: Queue) -> bool:
+        """Return once the forward pass is free (False), or frames are queued that no free worker took (True).
+
+        Blocking on the queue while the forward pass is busy would win a new frame from a worker that
+        is idle (Redis serves blocked clients first come, first served) and make it wait a whole
+        forward pass. A frame still in the queue has no idle worker to go to: claiming it ahead lets
+        its decode overlap the forward pass, which is what keeps a saturated worker's model busy.
+        """
+        if self.settings.claim_ahead == "always":
+            return False
+        while not self._forward_free.is_set():
+            if self._stop_requested or self._fatal is not None:
+                return False
+            if self._redis(lambda: self.connection.llen(queue.key)):
+                return True
+            self._forward_free.wait(AHEAD_POLL_S)
+        return False
+
     def _first_claims(self, queue: Queue, timeout: int | None) -> Batch | None:
-        """A new batch holding the first frames that are ready, or None when none came within BLOCK_S."""
+        """A new batch holding the first frames that are ready, or None when none came within BLOCK_S.
+
+        `timeout` None: take only what is queued now (burst mode, or claiming ahead)."""
         held = []
-        if timeout is not None:  # burst mode never blocks
+        if timeout is not None:
             with self.metrics.stage("dequeue"):
                 job_id = self._redis(lambda: rq.wait_for_id(self.connection, queue, min(BLOCK_S, timeout)))
             if job_id is None:
@@ -358,21 +390,29 @@ class BatchWorker(SimpleWorker):
 
     def execute_job(self, batch: Batch, queue: Queue) -> None:
         try:
+            self.set_state(WorkerStatus.BUSY)
             self._collect(batch)
-            with self.metrics.stage("claim"):
-                self._judge(batch)
         except BaseException:
             with self._lock:
                 self._batches.pop(id(batch), None)
             self._slots.release()
             raise
+        with self._lock:
+            self._unrun += 1
+            self._forward_free.clear()
         self._handoff.put(batch)
 
     def _collect(self, batch: Batch) -> None:
-        """More frames without blocking, until max_batch, waiting at most max_wait_ms for them."""
+        """More frames without blocking, until max_batch: for as long as the forward pass is busy (the
+        batch could not run sooner, so a bigger one costs no frame any latency), then for at most
+        max_wait_ms."""
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
-        while len(batch.tasks) < self.settings.max_batch:
+        gather = self.settings.claim_ahead == "backlog"
+        while len(batch.tasks) < self.settings.max_batch and not self._stop_requested:
             if self._take(batch, [], self.settings.max_batch - len(batch.tasks)):
+                continue
+            if gather and not self._forward_free.is_set():
+                self._forward_free.wait(AHEAD_POLL_S)
                 continue
             if time.monotonic() >= deadline:
                 break
@@ -384,7 +424,10 @@ class BatchWorker(SimpleWorker):
         with self.metrics.stage("claim"):
             claims = self._redis(lambda: rq.claim_batch(self.connection, batch.queue, self.name, held, want,
                                                         self.settings.heartbeat_ttl, self.serializer))
-            batch.tasks += [FrameTask(job=job, execution_id=eid) for job, eid in claims.claimed]
+            tasks = [FrameTask(job=job, execution_id=eid) for job, eid in claims.claimed]
+            batch.tasks += tasks
+            if tasks:
+                self._admit(batch, tasks)
         for job_id, reason in claims.dropped:  # nothing to record a failure into: say so, and let the id go
             log.error("queue entry is not a job; dropped", job_id=job_id[:200], reason=reason)
         if claims.duplicates:
@@ -409,24 +452,26 @@ class BatchWorker(SimpleWorker):
         self.metrics.model_swaps.labels(outcome="swapped").inc()
         log.info("model swapped", version=engine.version, previous=old.version if old else None)
 
-    def _judge(self, batch: Batch) -> None:
-        """Judge every claimed frame, fix the engine the batch runs on, start decoding."""
-        self._swap_if_ready()
-        assert self.engine is not None
-        batch.engine = self.engine
-        for task in batch.tasks:
-            verdict = judge(task.job, batch.claimed_at)
+    def _admit(self, batch: Batch, tasks: list[FrameTask]) -> None:
+        """Judge frames just claimed and start decoding those that may run; the batch's first
+        admission fixes the engine it runs on."""
+        if batch.engine is None:
+            self._swap_if_ready()
+            assert self.engine is not None
+            batch.engine = self.engine
+        wall = time.time()
+        for task in tasks:
+            verdict = judge(task.job, wall)
             if isinstance(verdict, Failure):
                 task.outcome = verdict
             else:
                 task.frame = verdict
-        self.set_state(WorkerStatus.BUSY)
         if self._overlap:
-            self._start_decode(batch)
+            self._start_decode(batch, tasks)
 
-    def _start_decode(self, batch: Batch) -> None:
-        batch.decode_started = time.perf_counter()
-        runnable = [t for t in batch.tasks if t.frame is not None]
+    def _start_decode(self, batch: Batch, tasks: list[FrameTask]) -> None:
+        batch.decode_started = batch.decode_started or time.perf_counter()
+        runnable = [t for t in tasks if t.frame is not None]
         futures = batch.engine.submit_decode([t.frame["image"] for t in runnable])
         for task, future in zip(runnable, futures, strict=True):
             task.decode = future
@@ -447,13 +492,17 @@ class BatchWorker(SimpleWorker):
                 for task in batch.tasks:
                     if task.outcome is None or isinstance(task.outcome, Success):
                         task.outcome = Failure.error(exc)
+            with self._lock:
+                self._unrun -= 1
+                if not self._unrun:
+                    self._forward_free.set()
             self._finishing.put(batch)
 
     def _infer(self, batch: Batch) -> None:
         """Set every task's outcome."""
         engine = batch.engine
         if not self._overlap:
-            self._start_decode(batch)
+            self._start_decode(batch, batch.tasks)
         images, decoded = [], []
         for task in batch.tasks:
             if task.decode is None:

@@ -100,6 +100,10 @@ def _rows() -> tuple[Row, ...]:
             shown="`0` (torch's)"),
         Row(W, "overlap_decode", "VQ_OVERLAP_DECODE", "choice", "on",
             "decode the next batch during this batch's forward pass", choices=("on", "off")),
+        Row(W, "claim_ahead", "VQ_CLAIM_AHEAD", "choice", "backlog",
+            "when a worker whose forward pass is busy takes its next batch: `backlog`, only frames already "
+            "queued (a new frame goes to an idle worker first); `always`, block on the queue at once",
+            choices=("backlog", "always")),
         Row(W, "decode_device", "VQ_DECODE_DEVICE", "choice", "auto",
             "where JPEGs are decoded: `cuda` batches them through nvJPEG and resizes there (PNG and what nvJPEG "
             "refuses go to the decode threads); `auto`: on the model's device when that is CUDA",
@@ -397,6 +401,7 @@ class Settings:
     decode_threads: int = ROWS["VQ_DECODE_THREADS"].default
     torch_threads: int = ROWS["VQ_TORCH_THREADS"].default
     overlap_decode: str = ROWS["VQ_OVERLAP_DECODE"].default
+    claim_ahead: str = ROWS["VQ_CLAIM_AHEAD"].default
     decode_device: str = ROWS["VQ_DECODE_DEVICE"].default
     compile: str = ROWS["VQ_COMPILE"].default
     topk: int = ROWS["VQ_TOPK"].default

@@ -124,6 +124,9 @@ class Drain:
             raise RuntimeError(f"{self.ended() - self.base} of {self.n} frames ended within {timeout:.0f}s")
         (t0, d0, c0), (t1, d1, c1) = marks[10], marks[90]
         frames = d1 - d0
+        if t1 == t0:  # frames end a batch at a time: a few large batches can pass both marks at once
+            raise RuntimeError(f"the middle 80 % of {self.n} frames ended between two looks: too few frames "
+                               "to time; send more")
         out = {"frames_per_s": frames / (t1 - t0), "idle_share": (c1["idle"] - c0["idle"]) / (c1["all"] - c0["all"]),
                "failed": float(self.failed.count - failed_before)}
         out.update({f"{name}_cpu_ms_per_frame": 1000 * (c1[name] - c0[name]) / frames for name in self.procs})

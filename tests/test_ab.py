@@ -23,7 +23,7 @@ def test_a_configuration_is_name_value_pairs():
 def test_two_configurations_measured_in_one_run(tmp_path, subprocess_env):
     out = tmp_path / "ab.json"
     run = subprocess.run([sys.executable, "-m", "deploy.ab", "VQ_CLAIM_AHEAD=always", "-", "--rounds", "1",
-                          "--loads", "0.3", "--n", "60", "--latency-seconds", "1", "--workers", "1",
+                          "--loads", "0.3", "--n", "400", "--latency-seconds", "1", "--workers", "1",
                           "--size", "32", "--json", str(out)],
                          cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

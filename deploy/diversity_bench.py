@@ -42,7 +42,7 @@ from worker.redis_server import RedisServer
 from worker.registry import ModelRegistry
 
 from .cameras import labelled_images
-from .demo import DRIFT, FULL, QUICK, update_argv
+from .demo import DRIFT, profile, update_argv
 from .simulated_reviewer import NAME as REVIEWER
 from .update_bench import EVAL_SETS, fresh_store, row, score_eval
 from .workers import ROOT, exit_on_sigterm, pythonpath
@@ -108,7 +108,7 @@ def run_update(a: argparse.Namespace, url: str, base_store: Path, labels: dict[s
     with SampleStore(store_dir) as store:
         store.set_labels(labels, REVIEWER)
     cmd = [sys.executable, "-m", "continual.update",
-           *update_argv(QUICK if a.quick else FULL, url, store_dir, runs, a.work / "run" / "split.json"),
+           *update_argv(profile(a.quick), url, store_dir, runs, a.work / "run" / "split.json"),
            "--dry-run", "--seed", str(seed), "--min-new-labels", "1"]
     t0 = time.time()
     with open(runs / "update.log", "w") as log_file:

@@ -35,7 +35,7 @@ from worker.redis_server import RedisServer
 from worker.registry import ModelRegistry
 
 from .cameras import labelled_images
-from .demo import DRIFT, FULL, QUICK, update_argv
+from .demo import DRIFT, profile, update_argv
 from .workers import ROOT, exit_on_sigterm, pythonpath
 
 EVAL_SETS = (f"eval-{DRIFT}", "eval-default")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(runs, ignore_errors=True)
             runs.mkdir(parents=True)
             cmd = [sys.executable, "-m", "continual.update",
-                   *update_argv(QUICK if a.quick else FULL, server.url, store, runs, a.work / "run" / "split.json"),
+                   *update_argv(profile(a.quick), server.url, store, runs, a.work / "run" / "split.json"),
                    "--dry-run", "--seed", str(seed), *extra]
             t0 = time.time()
             with open(runs / "update.log", "w") as log_file:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from deploy.cameras import Sent
 from deploy.monitor import Monitor
@@ -42,3 +43,17 @@ def test_a_result_read_before_its_camera_logged_the_frame_is_joined_later_not_lo
     assert monitor.lost() == []
     monitor.poll()  # nothing new: nothing counted twice
     assert len(monitor.rows) == 2
+
+
+def test_the_demo_profile_follows_the_cpu() -> None:
+    """20 update epochs where AVX-512 makes them cheap, 16 where a first run must still fit 10 minutes."""
+    import torch
+
+    from deploy.demo import FULL, QUICK, profile, update_argv
+
+    assert profile(False, "AVX512").update_epochs == 20
+    assert profile(False, "AVX2") == FULL and FULL.update_epochs == 16
+    assert profile(True, "AVX512") == QUICK
+    assert profile(False) == profile(False, torch.backends.cpu.get_cpu_capability())
+    argv = update_argv(profile(False, "AVX512"), "redis://x", Path("s"), Path("o"), Path("b"))
+    assert argv[argv.index("--epochs") + 1] == "20"

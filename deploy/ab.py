@@ -22,9 +22,9 @@ from pathlib import Path
 from worker.logs import configure_logging
 from worker.redis_server import RedisServer
 
-from .bench import Stack, build_artifact
+from .bench import Stack, build_artifact, worker_env
 from .frames import camera_frames
-from .workers import BATCH_WORKER, pythonpath
+from .workers import BATCH_WORKER
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("console", "warning")
     frames = camera_frames(16)
     artifact = build_artifact(Path(tempfile.mkdtemp(prefix="vq-ab-")) / "model", a.arch, a.size, frames)
-    base = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS="1",
-                VQ_DECODE_THREADS="1", VQ_MAX_BATCH="32", VQ_LOG_LEVEL="warning", OMP_NUM_THREADS="1")
+    base = worker_env(artifact)
     rows, reference = [], None
     with RedisServer() as server:
         for round_ in range(a.rounds):

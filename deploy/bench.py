@@ -211,6 +211,13 @@ def plot_latency(latency: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def worker_env(artifact: Path, threads: int = 1, decode_threads: int = 1, batch: int = 32) -> dict[str, str]:
+    """The environment the bench's workers run with: this artifact, these threads and batch, quiet logs."""
+    return dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS=str(threads),
+                VQ_DECODE_THREADS=str(decode_threads), VQ_MAX_BATCH=str(batch), VQ_LOG_LEVEL="warning",
+                OMP_NUM_THREADS=str(threads))
+
+
 def in_process_json(artifact: Path, threads: int, batch: int, decode_threads: int, seconds: float) -> dict:
     """One process's in-process figures (run as a subprocess so several can run side by side)."""
     import torch
@@ -290,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = max(v for k, v in figures.items() if k.startswith("in_process"))
     model_only = max(v for k, v in figures.items() if k.startswith("model_only"))
 
-    env = dict(os.environ, PYTHONPATH=pythonpath(), VQ_MODEL_PATH=str(artifact), VQ_TORCH_THREADS=str(a.threads),
-               VQ_DECODE_THREADS=str(a.decode_threads), VQ_MAX_BATCH=str(a.batch), VQ_LOG_LEVEL="warning",
-               OMP_NUM_THREADS=str(a.threads))
+    env = worker_env(artifact, a.threads, a.decode_threads, a.batch)
     with RedisServer() as server:
         stack = Stack(server.url, env, redis_pid=server.proc.pid)
         stack.start_workers(BATCH_WORKER, "bench-batch", a.workers)

@@ -82,6 +82,23 @@ def test_a_record_writes_results_and_registries_that_rq_reads(redis_conn):
     assert redis_conn.hget("rq:worker:w1", "successful_job_count") == b"1"
 
 
+def test_a_finished_frame_can_keep_its_job_without_its_image(redis_conn):
+    queue, _ = _queue(redis_conn, 2)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [], 2, 30, MsgpackSerializer)
+    (dropped, eid_dropped), (kept, eid_kept) = claims.claimed
+    image = kept.args[0]["image"]
+    records = [rq.Record.success(dropped, eid_dropped, "1.0", {"label": "a"}, 300, None,
+                                 dropped.data_without_image()),
+               rq.Record.success(kept, eid_kept, "1.0", {"label": "a"}, 300, None)]
+    assert rq.record_batch(redis_conn, queue, "w1", records)[0] == ["w", "w"]
+    light = _fetch(redis_conn, dropped.id)
+    assert light.args[0] == {**dropped.args[0], "image": b""} and light.func_name == dropped.func_name
+    assert light.return_value() == {"label": "a"} and light.get_status() == JobStatus.FINISHED
+    assert int(redis_conn.hget(light.key, "vq_dropped_bytes")) == len(dropped.data)
+    assert redis_conn.hstrlen(light.key, "data") == len(dropped.data_without_image()) < len(image)
+    assert _fetch(redis_conn, kept.id).args[0]["image"] == image
+
+
 def test_a_frame_that_already_ended_is_never_written_again(redis_conn):
     queue, _ = _queue(redis_conn, 1)
     [(job, eid)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed

@@ -11,12 +11,13 @@ import urllib.request
 from conftest import wait_for
 from helpers import CLASSES, jpeg, png, start_worker, stop_worker, tiny_artifact, worker_registered
 from rq import Worker
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from worker.frames import make_frame
 from worker.jobs import RESULTS_STREAM, FrameQueue, enqueue_frames
 from worker.redis_server import free_port
+from worker.serializer import MsgpackSerializer
 
 
 def statuses(jobs):
@@ -60,6 +61,11 @@ def test_frames_flow_in_batches_with_results_and_true_rq_state(tmp_path, redis_u
         assert redis_conn.llen(queue.intermediate_queue_key) == 0
         [w] = [w for w in Worker.all(connection=redis_conn) if w.name == "w-e2e"]
         assert w.successful_job_count == 48
+
+        # A classified frame keeps its job (args included) but not its image (VQ_KEEP_IMAGES=failed).
+        kept = Job.fetch(jobs[0].id, connection=redis_conn, serializer=MsgpackSerializer)
+        assert kept.args[0] == {**frames[0], "image": b""} and kept.func_name == "worker.inference.classify"
+        assert int(redis_conn.hget(kept.key, "vq_dropped_bytes")) > len(frames[0]["image"])
 
         # Prometheus metrics on VQ_METRICS_PORT.
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -112,6 +118,9 @@ def test_one_bad_frame_fails_alone_and_foreign_functions_never_run(tmp_path, red
         assert "not allowed" in foreign.latest_result().exc_string
         assert not marker.exists(), "the worker imported a function outside the allowlist"
         assert FailedJobRegistry("inference", connection=redis_conn).count == len(bad_frames) + 1
+        # A failed frame keeps its image, for a look at it or `rq requeue`.
+        corrupt = Job.fetch(bad_frames["corrupt"]["id"], connection=redis_conn, serializer=MsgpackSerializer)
+        assert corrupt.args[0]["image"] == bad_frames["corrupt"]["image"]
     finally:
         stop_worker(proc)
 

@@ -623,8 +623,9 @@ class BatchWorker(SimpleWorker):
             outcome = task.outcome or Failure(FailureKind.ERROR, "no outcome was set for this frame")
             task.outcome = outcome
             if isinstance(outcome, Success):
+                keep = task.job.data_without_image() if self.settings.keep_images == "failed" else b""
                 records.append(rq.Record.success(task.job, task.execution_id, batch.started_at, outcome.result,
-                                                 task.job.get_result_ttl(self.default_result_ttl), entry))
+                                                 task.job.get_result_ttl(self.default_result_ttl), entry, keep))
             elif outcome.kind is FailureKind.ERROR and task.job.retries_left:
                 records.append(rq.Record.retry(task.job, task.execution_id))
             else:

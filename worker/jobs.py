@@ -123,6 +123,12 @@ class FrameJob(Job):
         self._exc_info = _inflate(obj["exc_info"], MAX_FIELD_BYTES, truncate=True).decode(errors="replace") \
             if obj.get("exc_info") else None
 
+    def data_without_image(self) -> bytes:
+        """This job's data with the frame's image emptied: what a frame keeps once it has its result
+        (VQ_KEEP_IMAGES). Only for a job whose frame was read (`outcomes.judge` accepted it)."""
+        frame = dict(self.args[0], image=b"")
+        return self.serializer.dumps((self.func_name, self.instance, (frame,), self.kwargs))
+
     def _field(self, obj: dict[str, bytes], name: str, parse: Any, default: Any) -> Any:
         raw = obj.get(name)
         if not raw:

@@ -188,8 +188,10 @@ return out
 # Record a batch's outcomes in one call, each as RQ's worker records one job's: status, result
 # (rq:results:<id>), finished or failed registry, TTLs, the execution removed. A frame that
 # already ended is not written again ('dup'; 'mine' when this worker wrote it in an earlier
-# attempt whose reply was lost). Then one entry per written frame on the results stream, the
-# worker's counters, and one trim of the stream (its count is the last reply).
+# attempt whose reply was lost). A finished frame's data can be replaced by the frame without its
+# image (VQ_KEEP_IMAGES): the job stays readable (args, description, result) while the image's
+# memory goes back to Redis for the next frame. Then one entry per written frame on the results
+# stream, the worker's counters, and one trim of the stream (its count is the last reply).
 # Record kinds: ok, fail, retry (model error: back at the head, one retry spent), rescue (a dead
 # worker's frame back at the head; only while it is still started).
 _RECORD_LUA = _READ_JOB + """
@@ -210,10 +212,10 @@ local function score(ttl) if ttl < 0 then return '+inf' end return now + ttl end
 
 local out, ok_n, failed_n = {}, 0, 0
 while i <= #ARGV do
-  local kind, id, eid, ttl, started, a, b, nstream = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]),
-    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  local kind, id, eid, ttl, started, a, b, keep, nstream = ARGV[i], ARGV[i + 1], ARGV[i + 2],
+    tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], tonumber(ARGV[i + 8])
   if started == '' then started = ts end
-  local fields_at = i + 8
+  local fields_at = i + 9
   i = fields_at + 2 * nstream
   local jk, rk = jp .. id, rp .. id
   err = nil
@@ -227,6 +229,9 @@ while i <= #ARGV do
   else
     if kind == 'ok' then
       w('HSET', jk, 'status', 'finished', 'ended_at', iso)
+      if keep ~= '' then  -- the job's data without its image: the image's memory is reused at once
+        w('HSET', jk, 'vq_dropped_bytes', redis.call('HSTRLEN', jk, 'data'), 'data', keep)
+      end
       w('XADD', rk, 'MAXLEN', 10, '*', 'type', 1, 'worker_name', worker, 'return_value', a, 'execution_id', eid,
         'execution_started_at', started, 'execution_ended_at', ts)
       expire(rk, ttl)
@@ -480,13 +485,14 @@ class Record:
     payload: str = ""
     exc_info: bytes = b""
     stream: dict[str, str] | None = None
+    keep_data: bytes = b""  # "ok" only: the job's data from now on, in place of the frame with its image
 
     @classmethod
     def success(cls, job: FrameJob, execution_id: str, started_at: str, result: dict[str, Any], result_ttl: int,
-                stream: dict[str, str] | None) -> Record:
+                stream: dict[str, str] | None, keep_data: bytes = b"") -> Record:
         # As RQ's Result.serialize writes a return value: the job's serializer, then base64.
         return cls("ok", job.id, execution_id, result_ttl, started_at,
-                   b64encode(job.serializer.dumps(result)).decode(), b"", stream)
+                   b64encode(job.serializer.dumps(result)).decode(), b"", stream, keep_data)
 
     @classmethod
     def failure(cls, job: FrameJob, execution_id: str, started_at: str, reason: str,
@@ -506,7 +512,7 @@ class Record:
     def args(self) -> list[Any]:
         fields = self.stream or {}
         out: list[Any] = [self.kind, self.job_id, self.execution_id, self.ttl, self.started_at, self.payload,
-                          self.exc_info, len(fields)]
+                          self.exc_info, self.keep_data, len(fields)]
         for name, value in fields.items():
             out += (name, value)
         return out

@@ -122,6 +122,10 @@ def _rows() -> tuple[Row, ...]:
         Row(W, "worker_ttl", "VQ_WORKER_TTL", "int", 30, "seconds the worker's own registration lives", 16, 3600),
         Row(W, "maintenance_interval", "VQ_MAINTENANCE_INTERVAL", "int", 5,
             "seconds between recovery sweeps (frames of dead workers)", 1, 3600),
+        Row(W, "keep_images", "VQ_KEEP_IMAGES", "choice", "failed",
+            "which ended frames keep their image in Redis until their job's TTL: `failed` (a frame that got "
+            "its result keeps the rest of its job, args included, but not the image: Redis memory per frame "
+            "drops from the image's size to about 1 KB); `all` (RQ's way)", choices=("failed", "all")),
         Row(W, "results_maxlen", "VQ_RESULTS_MAXLEN", "int", 100_000,
             "approximate length bound of the `inference:results` stream", 0, 100_000_000),
         Row(W, "metrics_port", "VQ_METRICS_PORT", "int", 0,
@@ -409,6 +413,7 @@ class Settings:
     heartbeat_ttl: int = ROWS["VQ_HEARTBEAT_TTL"].default
     worker_ttl: int = ROWS["VQ_WORKER_TTL"].default
     maintenance_interval: int = ROWS["VQ_MAINTENANCE_INTERVAL"].default
+    keep_images: str = ROWS["VQ_KEEP_IMAGES"].default
     results_maxlen: int = ROWS["VQ_RESULTS_MAXLEN"].default
     metrics_port: int = ROWS["VQ_METRICS_PORT"].default
     swap_poll_s: float = ROWS["VQ_SWAP_POLL_S"].default

@@ -220,18 +220,18 @@ def worker_env(artifact: Path, threads: int = 1, decode_threads: int = 1, batch:
 
 def in_process_json(artifact: Path, threads: int, batch: int, decode_threads: int, seconds: float) -> dict:
     """One process's in-process figures (run as a subprocess so several can run side by side)."""
-    import torch
-
     from worker.logs import configure_logging
-    from worker.model_source import load_engine
+    from worker.model_source import configure_torch, load_engine
     from worker.settings import Settings
 
     from .frames import camera_frames
 
     configure_logging("console", "warning")
-    torch.set_num_threads(threads)
-    engine = load_engine(Settings(model_path=artifact, device="cpu", max_batch=batch,
-                                  decode_threads=decode_threads), None)
+    # As a worker configures itself (torch threads, malloc), so that the limit is the same engine's
+    settings = Settings(model_path=artifact, device="cpu", max_batch=batch, decode_threads=decode_threads,
+                        torch_threads=threads)
+    configure_torch(settings)
+    engine = load_engine(settings, None)
     figures = in_process(engine, camera_frames(16), batch, seconds)
     engine.close()
     return figures

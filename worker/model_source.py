@@ -9,6 +9,7 @@ import torch
 from redis import Redis
 
 from .artifact import SIGNATURE_FILE, is_valid_version, load_for_serving, read_manifest
+from .malloc import keep_freed_memory
 from .redis_health import is_transient
 from .registry import InvalidVersionError, ModelRegistry, RegistryError
 from .runtime import InferenceEngine, resolve_decode_device, resolve_device
@@ -23,8 +24,11 @@ class NoModelError(RuntimeError):
 
 
 def configure_torch(settings: Settings) -> None:
+    """The process settings a serving model runs under: torch's threads and what malloc keeps."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.keep_freed_memory == "on":
+        keep_freed_memory()
 
 
 def _verify_local(path: Path, settings: Settings) -> None:

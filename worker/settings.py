@@ -100,6 +100,10 @@ def _rows() -> tuple[Row, ...]:
             shown="`0` (torch's)"),
         Row(W, "overlap_decode", "VQ_OVERLAP_DECODE", "choice", "on",
             "decode the next batch during this batch's forward pass", choices=("on", "off")),
+        Row(W, "keep_freed_memory", "VQ_KEEP_FREED_MEMORY", "choice", "on",
+            "glibc: keep the memory a forward pass frees for the next one (`mallopt`) rather than return it "
+            "to the kernel and fault it in again; the worker keeps its peak heap resident (worker/malloc.py)",
+            choices=("on", "off")),
         Row(W, "claim_ahead", "VQ_CLAIM_AHEAD", "choice", "backlog",
             "when a worker whose forward pass is busy takes its next batch: `backlog`, only frames already "
             "queued (a new frame goes to an idle worker first); `always`, block on the queue at once",
@@ -405,6 +409,7 @@ class Settings:
     decode_threads: int = ROWS["VQ_DECODE_THREADS"].default
     torch_threads: int = ROWS["VQ_TORCH_THREADS"].default
     overlap_decode: str = ROWS["VQ_OVERLAP_DECODE"].default
+    keep_freed_memory: str = ROWS["VQ_KEEP_FREED_MEMORY"].default
     claim_ahead: str = ROWS["VQ_CLAIM_AHEAD"].default
     decode_device: str = ROWS["VQ_DECODE_DEVICE"].default
     compile: str = ROWS["VQ_COMPILE"].default

@@ -129,7 +129,7 @@ def _rows() -> tuple[Row, ...]:
         Row(W, "keep_images", "VQ_KEEP_IMAGES", "choice", "failed",
             "which ended frames keep their image in Redis until their job's TTL: `failed` (a frame that got "
             "its result keeps the rest of its job, args included, but not the image: Redis memory per frame "
-            "drops from the image's size to about 1 KB); `all` (RQ's way)", choices=("failed", "all")),
+            "drops from the image's size to a few KB); `all` (RQ's way)", choices=("failed", "all")),
         Row(W, "results_maxlen", "VQ_RESULTS_MAXLEN", "int", 100_000,
             "approximate length bound of the `inference:results` stream", 0, 100_000_000),
         Row(W, "metrics_port", "VQ_METRICS_PORT", "int", 0,

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +229,8 @@ def in_process_json(artifact: Path, threads: int, batch: int, decode_threads: in
 
     configure_logging("console", "warning")
     # As a worker configures itself (torch threads, malloc), so that the limit is the same engine's
-    settings = Settings(model_path=artifact, device="cpu", max_batch=batch, decode_threads=decode_threads,
-                        torch_threads=threads)
+    settings = replace(Settings.from_env(), model_path=artifact, device="cpu", max_batch=batch,
+                       decode_threads=decode_threads, torch_threads=threads)
     configure_torch(settings)
     engine = load_engine(settings, None)
     figures = in_process(engine, camera_frames(16), batch, seconds)

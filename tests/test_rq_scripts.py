@@ -94,7 +94,8 @@ def test_a_finished_frame_can_keep_its_job_without_its_image(redis_conn):
     light = _fetch(redis_conn, dropped.id)
     assert light.args[0] == {**dropped.args[0], "image": b""} and light.func_name == dropped.func_name
     assert light.return_value() == {"label": "a"} and light.get_status() == JobStatus.FINISHED
-    assert int(redis_conn.hget(light.key, "vq_dropped_bytes")) == len(dropped.data)
+    assert int(redis_conn.hget(light.key, "vq_image_dropped_bytes")) == len(dropped.data) - len(
+        dropped.data_without_image())
     assert redis_conn.hstrlen(light.key, "data") == len(dropped.data_without_image()) < len(image)
     assert _fetch(redis_conn, kept.id).args[0]["image"] == image
 

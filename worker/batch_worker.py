@@ -623,7 +623,7 @@ class BatchWorker(SimpleWorker):
             outcome = task.outcome or Failure(FailureKind.ERROR, "no outcome was set for this frame")
             task.outcome = outcome
             if isinstance(outcome, Success):
-                keep = task.job.data_without_image() if self.settings.keep_images == "failed" else b""
+                keep = self._without_image(task) if self.settings.keep_images == "failed" else b""
                 records.append(rq.Record.success(task.job, task.execution_id, batch.started_at, outcome.result,
                                                  task.job.get_result_ttl(self.default_result_ttl), entry, keep))
             elif outcome.kind is FailureKind.ERROR and task.job.retries_left:
@@ -631,6 +631,16 @@ class BatchWorker(SimpleWorker):
             else:
                 records.append(rq.Record.failure(task.job, task.execution_id, batch.started_at, outcome.text, entry))
         return records
+
+    @staticmethod
+    def _without_image(task: FrameTask) -> bytes:
+        """The job's data to keep once its result is recorded; b"" (keep the image) if it cannot be built:
+        a frame is worth more than the memory, and an error here would hold up the whole batch's record."""
+        try:
+            return task.job.data_without_image()
+        except Exception:
+            log.exception("could not build the job's data without its image; it keeps the image", job_id=task.job.id)
+            return b""
 
     @staticmethod
     def _stream_entry(batch: Batch, task: FrameTask) -> dict[str, str] | None:

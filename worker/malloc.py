@@ -1,10 +1,12 @@
 """Keep the memory a batch frees for the next batch, instead of handing it back to the kernel (glibc).
 
-Each forward pass allocates and frees the same few large tensors (a batch of 32 at 224 px has
-activations of 19-26 MB). glibc gives blocks that size back to the kernel when they are freed
-(mmap'd above 128 KB, and the top of the heap trimmed past 128 KB), so the next batch faults the
-pages in again and the kernel zeroes every one of them: `perf` on a BatchWorker showed
-`clear_page_erms`, absent from the in-process loop's profile. PyTorch's CPU performance guide swaps
+Each batch allocates and frees images, replies and tensors (a batch of 32 at 224 px has
+activations of 19-26 MB). glibc gives freed memory back to the kernel: blocks over its mmap
+threshold are unmapped, and the top of a heap past its trim threshold is released. Both start at
+128 KB and adapt to the sizes freed, but a worker's many threads and sizes keep them low: on the
+bench's full path a worker took 218 page faults per frame, each page zeroed by the kernel (`perf`
+showed `clear_page_erms`, absent from the in-process loop's profile). Fixed thresholds stop that:
+3-7 faults per frame. PyTorch's CPU performance guide swaps
 in jemalloc or tcmalloc with LD_PRELOAD for this; `mallopt` gets glibc to do the same without a
 preload, from inside the process (`VQ_KEEP_FREED_MEMORY`). The cost: the process keeps its peak
 heap as resident memory.
@@ -38,9 +40,10 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    done = all(mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
-    if not done:
-        log.warning("glibc refused a mallopt setting; freed memory may go back to the kernel")
-    _applied = done
-    return done
+    options = {"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
+               "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, TRIM_THRESHOLD), "M_TOP_PAD": (M_TOP_PAD, TOP_PAD)}
+    refused = [name for name, (option, value) in options.items() if mallopt(option, value) != 1]
+    if refused:
+        log.warning("glibc refused some malloc settings; freed memory may go back to the kernel", refused=refused)
+    _applied = not refused
+    return _applied

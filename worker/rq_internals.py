@@ -230,7 +230,7 @@ while i <= #ARGV do
     if kind == 'ok' then
       w('HSET', jk, 'status', 'finished', 'ended_at', iso)
       if keep ~= '' then  -- the job's data without its image: the image's memory is reused at once
-        w('HSET', jk, 'vq_dropped_bytes', redis.call('HSTRLEN', jk, 'data'), 'data', keep)
+        w('HSET', jk, 'vq_image_dropped_bytes', redis.call('HSTRLEN', jk, 'data') - #keep, 'data', keep)
       end
       w('XADD', rk, 'MAXLEN', 10, '*', 'type', 1, 'worker_name', worker, 'return_value', a, 'execution_id', eid,
         'execution_started_at', started, 'execution_ended_at', ts)

@@ -6,15 +6,15 @@ threshold are unmapped, and the top of a heap past its trim threshold is release
 128 KB and adapt to the sizes freed, but a worker's many threads and sizes keep them low: on the
 bench's full path a worker took 218 page faults per frame, each page zeroed by the kernel (`perf`
 showed `clear_page_erms`, absent from the in-process loop's profile). Fixed thresholds stop that:
-3-7 faults per frame. PyTorch's CPU performance guide swaps
-in jemalloc or tcmalloc with LD_PRELOAD for this; `mallopt` gets glibc to do the same without a
-preload, from inside the process (`VQ_KEEP_FREED_MEMORY`). The cost: the process keeps its peak
-heap as resident memory.
+3-7 faults per frame. PyTorch's CPU performance guide swaps in jemalloc or tcmalloc with
+LD_PRELOAD for this; `mallopt` gets glibc to do the same without a preload, from inside the
+process (`VQ_KEEP_FREED_MEMORY`). The cost: the process keeps its peak heap as resident memory.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 
 import structlog
@@ -28,14 +28,10 @@ MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit: larger block
 TRIM_THRESHOLD = 1024 * 1024 * 1024  # free heap kept before any of it goes back to the kernel
 TOP_PAD = 64 * 1024 * 1024  # the heap grows in steps this large, not a page at a time
 
-_applied = False
 
-
+@functools.cache  # the settings are the process's: set them once, however often configure_torch runs
 def keep_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory (once per process); False where libc is not glibc."""
-    global _applied
-    if _applied:
-        return True
+    """Set glibc's malloc to keep freed memory; False where libc is not glibc or it refused a setting."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
@@ -45,5 +41,4 @@ def keep_freed_memory() -> bool:
     refused = [name for name, (option, value) in options.items() if mallopt(option, value) != 1]
     if refused:
         log.warning("glibc refused some malloc settings; freed memory may go back to the kernel", refused=refused)
-    _applied = not refused
-    return _applied
+    return not refused

@@ -3,7 +3,7 @@
     faults = RedisFaults(server)            # server started with appendonly=True
     faults.kill9_and_restart()              # SIGKILL, then the same port and dir, replaying the AOF
     faults.pause(15)                        # CLIENT PAUSE ALL: every client blocks
-    faults.oom_window(15)                   # maxmemory just above used memory, noeviction: writes get OOM
+    faults.oom_window(15)                   # maxmemory just below used memory, noeviction: writes get OOM
     faults.readonly_window(15)              # a coordinated FAILOVER to a copy: writes get READONLY
 
 Each `*_window` has a context-manager form (`with faults.readonly(): ...`) for tests that act
@@ -133,12 +133,15 @@ class RedisFaults:
 
     # -- OOM ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def oom(self, headroom_bytes: int = 64 * 1024) -> Iterator[FaultRecord]:
-        """maxmemory just above used memory with noeviction: writes fail with OOM until the block ends."""
+    def oom(self, margin_bytes: int = 64 * 1024) -> Iterator[FaultRecord]:
+        """maxmemory just below used memory with noeviction: writes fail with OOM until the block ends.
+
+        Below, not above: a limit a few writes away is never reached by a workload that frees as much
+        as it writes (a worker replacing each finished frame's image), and then no write fails."""
         with contextlib.closing(self._admin()) as r:
             before = r.config_get("maxmemory*")
             used = int(r.info("memory")["used_memory"])
-            limit = used + headroom_bytes
+            limit = max(1, used - margin_bytes)
             r.config_set("maxmemory-policy", "noeviction")
             r.config_set("maxmemory", limit)
         record = FaultRecord("redis_oom", time.time(), detail={"used_memory": used, "maxmemory": limit})
@@ -151,8 +154,8 @@ class RedisFaults:
                 record.detail["used_memory_at_end"] = int(r.info("memory")["used_memory"])
             record.ended = time.time()
 
-    def oom_window(self, seconds: float, headroom_bytes: int = 64 * 1024) -> FaultRecord:
-        with self.oom(headroom_bytes) as record:
+    def oom_window(self, seconds: float, margin_bytes: int = 64 * 1024) -> FaultRecord:
+        with self.oom(margin_bytes) as record:
             time.sleep(seconds)  # the window's length
         return record
 

@@ -146,7 +146,7 @@ def test_oom_window_refuses_writes_then_recovers(aof_server: RedisServer):
     conn = Redis.from_url(aof_server.url)
     conn.set("before", 1)
     faults = RedisFaults(aof_server)
-    with faults.oom(headroom_bytes=16 * 1024), pytest.raises(OutOfMemoryError):
+    with faults.oom(margin_bytes=16 * 1024), pytest.raises(OutOfMemoryError):
         for i in range(100):
             conn.set(f"fill{i}", b"x" * 4096)
     assert conn.config_get("maxmemory")["maxmemory"] == "0"

@@ -11,6 +11,7 @@ import base64
 import signal
 import subprocess
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,29 @@ def ended(conn: Redis, ids: list[str]) -> bool:
         for job_id in ids:
             pipe.hget(FrameJob.key_for(job_id), "status")
         return all(s in (b"finished", b"failed") for s in pipe.execute())
+
+
+def wait_ended(conn: Redis, ids: list[str], proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Wait for every frame to end; on a timeout, fail saying where the others are and what the worker said."""
+    try:
+        wait_for(lambda: ended(conn, ids), timeout=timeout, what=what)
+    except pytest.fail.Exception:
+        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{explain(conn, ids, proc, log)}")
+
+
+def explain(conn: Redis, ids: list[str], proc: subprocess.Popen, log: Path) -> str:
+    """Where the frames that did not end are (status, worker, lists, registries) and the worker's last words."""
+    statuses = {i: status_of(conn, i) for i in ids}
+    open_ids = [i for i, s in statuses.items() if s not in ("finished", "failed")]
+    queue = FrameQueue(connection=conn)
+    places = {i: [name for name, key in (("queue", queue.key), ("intermediate", queue.intermediate_queue_key))
+                  if conn.lpos(key, i) is not None] for i in open_ids[:10]}
+    started = StartedJobRegistry("inference", connection=conn).get_job_ids(cleanup=False)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return (f"worker exit code: {proc.poll()}; statuses: {dict(Counter(statuses.values()))}\n"
+            f"not ended (first 10, where): {places}\nstarted registry: {len(started)} entries, "
+            f"queue {conn.llen(queue.key)}, intermediate {conn.llen(queue.intermediate_queue_key)}\n"
+            f"worker log (last 40 lines):\n" + "\n".join(lines[-40:]))
 
 
 def status_of(conn: Redis, job_id: str) -> str | None:
@@ -256,7 +280,7 @@ def test_redis_kill9_and_restart_mid_batch_loses_nothing_and_the_worker_stays(tm
             faults.kill9_and_restart(down_s=1.0)
             conn = Redis.from_url(aof_server.url)
             started = StartedJobRegistry("inference", connection=conn)
-        wait_for(lambda: ended(conn, ids), timeout=120, what="every frame ended after the restarts")
+        wait_ended(conn, ids, proc, log, 120, "every frame ended after the restarts")
         assert proc.poll() is None, f"the worker exited: {log.read_text()[-3000:]}"
         _assert_each_frame_recorded_once(conn, ids)
         assert count_lines(log, "is unavailable") >= 1
@@ -285,7 +309,7 @@ def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, 
             with window:
                 proc.send_signal(signal.SIGCONT)
                 wait_for(lambda: count_lines(log, "is unavailable"), timeout=60, what="the worker to see the fault")
-        wait_for(lambda: ended(conn, ids), timeout=120, what="every frame ended after the fault")
+        wait_ended(conn, ids, proc, log, 120, "every frame ended after the fault")
         assert proc.poll() is None, f"the worker exited: {log.read_text()[-3000:]}"
         _assert_each_frame_recorded_once(conn, ids)
         if fault != "pause":  # logged just after the call that succeeded: it may trail the last frame

@@ -670,6 +670,7 @@ class Chaos(threading.Thread):
         self.stop_event = threading.Event()
         self.until = float("inf")  # no fault starts at or after this unix time (the end of the soak)
         self._victim = 0
+        self._readonly = 0  # every other READONLY window demotes as Sentinel does (REPLICAOF)
 
     def run(self) -> None:
         start = time.monotonic()
@@ -713,7 +714,8 @@ class Chaos(threading.Thread):
         if kind == "oom":
             return self.faults.oom_window(a.oom_s)
         if kind == "readonly":
-            return self.faults.readonly_window(a.readonly_s)
+            self._readonly += 1
+            return self.faults.readonly_window(a.readonly_s, via=("failover", "replicaof")[self._readonly % 2])
         if kind == "promote":
             record = FaultRecord("promote", time.time())
             record.detail["version"] = self.models.promote_next()

@@ -17,6 +17,11 @@ own history: PSYNC2 accepts the old replication id). Clients still talk to this 
 now a read-only replica: every write gets READONLY. To end the window the roles swap back the
 same way and the copy is shut down. If a coordinated failover cannot complete, `readonly()`
 raises before anything was demoted rather than falling back to a plain REPLICAOF.
+
+`readonly(via="replicaof")` demotes as Sentinel or an operator does: the copy is promoted with
+REPLICAOF NO ONE and this server is pointed at it with REPLICAOF (writes paused first until the copy
+has caught up, so nothing is lost). Unlike FAILOVER, this answers a client blocked in BLMOVE or
+XREADGROUP with `UNBLOCKED ... (master -> replica?)` and closes its connection.
 """
 
 from __future__ import annotations
@@ -181,11 +186,29 @@ class RedisFaults:
 
         _wait(swapped, timeout + 10, f"failover from {master_port} to {to_port}", interval=0.05)
 
+    def _demote(self, copy_port: int, timeout: float) -> None:
+        """REPLICAOF NO ONE on the copy, then REPLICAOF it here, with writes paused until the copy caught up."""
+        with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy_port)) as c:
+            r.execute_command("CLIENT", "PAUSE", int(timeout * 1000), "WRITE")
+            try:
+                _wait(lambda: self._offsets_match(r, c), timeout, "the copy to catch up")
+                c.replicaof("NO", "ONE")
+                r.replicaof("127.0.0.1", copy_port)
+            finally:
+                r.execute_command("CLIENT", "UNPAUSE")
+            _wait(lambda: r.info("replication").get("master_link_status") == "up", timeout,
+                  f"the demoted server to follow {copy_port}")
+
     @contextlib.contextmanager
-    def readonly(self, timeout: float = 30.0) -> Iterator[FaultRecord]:
-        """This server is a read-only replica of a copy of itself until the block ends; no data is lost."""
+    def readonly(self, timeout: float = 30.0, via: str = "failover") -> Iterator[FaultRecord]:
+        """This server is a read-only replica of a copy of itself until the block ends; no data is lost.
+
+        `via`: "failover" (a coordinated FAILOVER) or "replicaof" (Sentinel's way: blocked calls get UNBLOCKED).
+        """
+        if via not in ("failover", "replicaof"):
+            raise ValueError(f"via must be 'failover' or 'replicaof', not {via!r}")
         copy = RedisServer().start()
-        record = FaultRecord("redis_readonly", time.time(), detail={"copy_port": copy.port})
+        record = FaultRecord("redis_readonly", time.time(), detail={"copy_port": copy.port, "via": via})
         demoted = False
         try:
             with contextlib.closing(self._admin(copy.port)) as c, contextlib.closing(self._admin()) as r:
@@ -193,13 +216,21 @@ class RedisFaults:
                 c.replicaof("127.0.0.1", self.server.port)
                 _wait(lambda: self._offsets_match(r, c), timeout, "the copy to sync")
                 record.detail["keys"] = keys
-            self._failover(self.server.port, copy.port, timeout)
+            if via == "failover":
+                self._failover(self.server.port, copy.port, timeout)
+            else:
+                self._demote(copy.port, timeout)
             demoted = True
             record.started = time.time()
             yield record
         finally:
             if demoted:
-                self._failover(copy.port, self.server.port, timeout)
+                if via == "failover":
+                    self._failover(copy.port, self.server.port, timeout)
+                else:  # nothing writes to the copy: once this server has all of it, it is promoted below
+                    with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy.port)) as c:
+                        _wait(lambda: c.info("replication").get("master_repl_offset")
+                              == r.info("replication").get("slave_repl_offset"), timeout, "the copy's writes to return")
             with contextlib.closing(self._admin()) as r:
                 info = r.info("replication")
                 if info.get("role") != "master":  # never leave the server demoted
@@ -208,8 +239,8 @@ class RedisFaults:
             copy.stop()
             record.ended = time.time()
 
-    def readonly_window(self, seconds: float, timeout: float = 30.0) -> FaultRecord:
-        with self.readonly(timeout) as record:
+    def readonly_window(self, seconds: float, timeout: float = 30.0, via: str = "failover") -> FaultRecord:
+        with self.readonly(timeout, via) as record:
             time.sleep(seconds)  # the window's length
         return record
 

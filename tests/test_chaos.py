@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from conftest import wait_for
 from redis import Redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from rq.job import JobStatus
@@ -40,6 +41,7 @@ from deploy.faults import RedisFaults
 from deploy.poison import DELETE, PlantContext, all_poisons, by_name, frame_poisons, hash_poisons, plant
 from worker.frames import make_frame
 from worker.jobs import FrameQueue, enqueue_frames
+from worker.redis_health import is_transient
 from worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,13 +156,14 @@ def test_oom_window_refuses_writes_then_recovers(aof_server: RedisServer):
     assert conn.get("before") == b"1"
 
 
-def test_readonly_window_refuses_writes_and_loses_no_data(aof_server: RedisServer):
+@pytest.mark.parametrize("via", ["failover", "replicaof"])
+def test_readonly_window_refuses_writes_and_loses_no_data(aof_server: RedisServer, via: str):
     conn = Redis.from_url(aof_server.url)
     for i in range(300):
         conn.set(f"k{i}", i)
     conn.rpush("list", *range(50))
     faults = RedisFaults(aof_server)
-    with faults.readonly():
+    with faults.readonly(via=via):
         with pytest.raises(ReadOnlyError):
             conn.set("during", 1)
         assert conn.get("k7") == b"7"  # reads still work: a replica
@@ -168,6 +171,28 @@ def test_readonly_window_refuses_writes_and_loses_no_data(aof_server: RedisServe
     assert conn.dbsize() == 302
     assert conn.llen("list") == 50 and conn.get("k299") == b"299"
     assert conn.info("replication")["role"] == "master"
+
+
+def test_a_demotion_unblocks_a_blocked_call_with_an_error_that_is_waited_out(aof_server: RedisServer):
+    """Sentinel's REPLICAOF answers a worker's idle BLMOVE with UNBLOCKED: not now, not never."""
+    conn = Redis.from_url(aof_server.url)
+    blocked = Redis.from_url(aof_server.url, socket_timeout=10)
+    caught: list[BaseException] = []
+
+    def wait_on_empty_queue() -> None:
+        try:
+            blocked.blmove("empty", "elsewhere", 8)
+        except Exception as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=wait_on_empty_queue)
+    thread.start()
+    wait_for(lambda: conn.info("clients")["blocked_clients"] == 1, timeout=10, what="the BLMOVE to block")
+    with RedisFaults(aof_server).readonly(via="replicaof"):
+        thread.join(timeout=10)
+    assert caught and "UNBLOCKED" in str(caught[0]), caught
+    assert is_transient(caught[0])
+    assert blocked.lpush("empty", "x") == 1  # the closed connection is replaced on the next call
 
 
 # -- reconciliation ---------------------------------------------------------------------------

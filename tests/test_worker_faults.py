@@ -318,6 +318,41 @@ def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, 
         stop(proc)
 
 
+def test_an_idle_worker_rides_through_a_demotion_that_unblocks_its_dequeue(tmp_path, aof_server, subprocess_env):
+    """Sentinel demotes an old master with REPLICAOF: the BLMOVE an idle worker waits in answers UNBLOCKED."""
+    conn = Redis.from_url(aof_server.url)
+    log = tmp_path / "w.log"
+    proc = start(aof_server.url, subprocess_env, "w-demoted", log, **_ride_settings(tiny_artifact(tmp_path / "m")))
+    try:
+        workers.wait_registered(conn, proc, "w-demoted")
+        wait_for(lambda: any(c["cmd"] == "blmove" and "b" in c["flags"] for c in conn.client_list()), timeout=30,
+                 interval=0.005, what="the worker blocked on the empty queue")
+        with RedisFaults(aof_server).readonly(via="replicaof"):
+            wait_for(lambda: count_lines(log, "is unavailable"), timeout=60, what="the worker to see the demotion")
+        ids = [job.id for job in enqueue_frames(FrameQueue(connection=conn), frames(6))]
+        wait_ended(conn, ids, proc, log, 60, "frames sent after the demotion")
+        assert all(status_of(conn, i) == "finished" for i in ids)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
+def test_an_error_that_waiting_cannot_cure_stops_the_worker_with_a_failing_exit_code(tmp_path, redis_url, redis_conn,
+                                                                                     subprocess_env):
+    """RQ would log it and exit 0; a supervisor that restarts on failure must see a failure."""
+    log = tmp_path / "w.log"
+    proc = start(redis_url, subprocess_env, "w-wrongtype", log, VQ_MODEL_PATH=str(tiny_artifact(tmp_path / "m")))
+    try:
+        workers.wait_registered(redis_conn, proc, "w-wrongtype")
+        redis_conn.set(FrameQueue(connection=redis_conn).key, "not a list")  # the queue key clobbered
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "stopped by an unexpected error: ResponseError: WRONGTYPE" in log.read_text()
+
+
 def test_an_outage_past_the_limit_exits_nonzero_saying_why(tmp_path, subprocess_env):
     artifact = tiny_artifact(tmp_path / "model")
     server = RedisServer().start()

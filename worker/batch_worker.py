@@ -41,6 +41,7 @@ Redis statistics only, and nothing it does can fail, change or delay a frame.
 
 from __future__ import annotations
 
+import functools
 import queue as stdqueue
 import threading
 import time
@@ -51,6 +52,7 @@ from typing import Any, TypeVar
 
 import structlog
 from redis import Redis
+from rq.exceptions import StopRequested
 from rq.queue import Queue
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
@@ -82,6 +84,22 @@ SUSPEND_POLL_S = 0.1
 # Coarse is enough: a frame found later only starts decoding later, as the batch cannot run before
 # the forward pass ends, and the end of the forward pass is not waited for by polling.
 AHEAD_POLL_S = 0.005
+
+
+def _noting_crash(method: Callable[..., T]) -> Callable[..., T]:
+    """RQ's work loop logs an unexpected exception and returns as if asked to stop, and `rq worker` then
+    exits 0: a supervisor that restarts on failure (systemd Restart=on-failure) would leave the queue
+    unserved. The error is kept so that `teardown` exits non-zero with it."""
+    @functools.wraps(method)
+    def noted(self: BatchWorker, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except StopRequested:
+            raise
+        except Exception as exc:
+            self._crashed = exc
+            raise
+    return noted
 
 
 @dataclass
@@ -143,6 +161,7 @@ class BatchWorker(SimpleWorker):
         self._stop_threads = threading.Event()
         self._give_up = threading.Event()
         self._fatal: BaseException | None = None
+        self._crashed: BaseException | None = None  # what ended RQ's work loop, if not a stop request
         self._threads: list[threading.Thread] = []
         self._drift_refused = False
 
@@ -281,6 +300,9 @@ class BatchWorker(SimpleWorker):
         self._quietly(lambda: super(BatchWorker, self).teardown())
         if self._fatal is not None:
             raise SystemExit(f"visionqueue worker: {self._fatal}")
+        if self._crashed is not None:
+            raise SystemExit(f"visionqueue worker: stopped by an unexpected error: "
+                             f"{type(self._crashed).__name__}: {self._crashed}")
 
     # -- maintenance --------------------------------------------------------------------------
     def run_maintenance_tasks(self) -> None:
@@ -317,6 +339,7 @@ class BatchWorker(SimpleWorker):
                 self.metrics.frames.labels(outcome="rescued" if action == "requeued" else action).inc(n)
 
     # -- the batch ----------------------------------------------------------------------------
+    @_noting_crash
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """The first frame of the next batch, with a batch slot held; None to stop."""
         self.set_state(WorkerStatus.IDLE)
@@ -388,6 +411,7 @@ class BatchWorker(SimpleWorker):
             self._batches[id(batch)] = batch
         return batch
 
+    @_noting_crash
     def execute_job(self, batch: Batch, queue: Queue) -> None:
         try:
             self.set_state(WorkerStatus.BUSY)

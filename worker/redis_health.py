@@ -1,10 +1,11 @@
 """Riding through Redis faults: which errors are transient, and how long a process waits for Redis.
 
 A worker, a producer, the gateway and the updater all meet the same faults: a restart (refused
-connections, then LOADING while the AOF replays), a failover (READONLY), a full server (OOM under
-`maxmemory`), a pause. None of them is a reason to exit. `RedisHealth` is the one place that
-decides: it backs off with jitter, logs once per change of state, reports up/down to whoever
-wants to know (a metric), and gives up only after `max_outage_s` of continuous failure.
+connections, then LOADING while the AOF replays), a failover (READONLY; UNBLOCKED for a call blocked
+at that moment), a full server (OOM under `maxmemory`), a pause. None of them is a reason to exit.
+`RedisHealth` is the one place that decides: it backs off with jitter, logs once per change of
+state, reports up/down to whoever wants to know (a metric), and gives up only after `max_outage_s`
+of continuous failure.
 
 Where Redis is, and with which credential, is decided here too, once for every process:
 `resolve_url` (REDIS_URL / REDIS_URL_FILE / REDIS_PASSWORD_FILE), `mask_url` for anything that
@@ -37,9 +38,11 @@ log = structlog.get_logger("visionqueue.redis")
 T = TypeVar("T")
 
 # Server replies that mean "not now" rather than "never": the same command succeeds later. Matched on
-# the reply's first word (BUSYGROUP, say, is a permanent "group exists", not BUSY).
+# the reply's first word (BUSYGROUP, say, is a permanent "group exists", not BUSY). UNBLOCKED is what a
+# client blocked in BLMOVE or XREADGROUP gets when its master is demoted (REPLICAOF, as Sentinel does to
+# an old master): the command did nothing, and the server closes the connection after the reply.
 _TRANSIENT_CODES = frozenset({"OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY",
-                              "CLUSTERDOWN"})
+                              "CLUSTERDOWN", "UNBLOCKED"})
 
 
 class RedisOutageError(RuntimeError):

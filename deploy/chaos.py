@@ -715,7 +715,9 @@ class Chaos(threading.Thread):
             return self.faults.oom_window(a.oom_s)
         if kind == "readonly":
             self._readonly += 1
-            return self.faults.readonly_window(a.readonly_s, via=("failover", "replicaof")[self._readonly % 2])
+            # A copy of a soak's dataset (every frame's hash for result_ttl) takes a while to sync on 2 cores.
+            return self.faults.readonly_window(a.readonly_s, timeout=120,
+                                               via=("failover", "replicaof")[self._readonly % 2])
         if kind == "promote":
             record = FaultRecord("promote", time.time())
             record.detail["version"] = self.models.promote_next()

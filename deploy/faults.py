@@ -165,13 +165,14 @@ class RedisFaults:
         return record
 
     # -- READONLY -----------------------------------------------------------------------------
-    def _offsets_match(self, master: Redis, replica: Redis) -> bool:
+    def _linked(self, master: Redis, replica: Redis, caught_up: bool = False) -> bool:
+        """The copy follows this server; `caught_up`: it has every write too (only stable while writes are paused)."""
         m = master.info("replication")
         rep = replica.info("replication")
         # FAILOVER also needs the master to list the replica as online, which can trail the replica's own view.
         online = any(isinstance(v, dict) and v.get("state") == "online" for k, v in m.items() if k.startswith("slave"))
         return online and rep.get("master_link_status") == "up" and \
-            rep.get("slave_repl_offset") == m.get("master_repl_offset")
+            (not caught_up or rep.get("slave_repl_offset") == m.get("master_repl_offset"))
 
     def _failover(self, master_port: int, to_port: int, timeout: float) -> None:
         """Coordinated FAILOVER from master_port to its replica to_port; returns when roles have swapped."""
@@ -191,7 +192,7 @@ class RedisFaults:
         with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy_port)) as c:
             r.execute_command("CLIENT", "PAUSE", int(timeout * 1000), "WRITE")
             try:
-                _wait(lambda: self._offsets_match(r, c), timeout, "the copy to catch up")
+                _wait(lambda: self._linked(r, c, caught_up=True), timeout, "the copy to catch up")
                 c.replicaof("NO", "ONE")
                 r.replicaof("127.0.0.1", copy_port)
             finally:
@@ -214,7 +215,9 @@ class RedisFaults:
             with contextlib.closing(self._admin(copy.port)) as c, contextlib.closing(self._admin()) as r:
                 keys = r.dbsize()
                 c.replicaof("127.0.0.1", self.server.port)
-                _wait(lambda: self._offsets_match(r, c), timeout, "the copy to sync")
+                # Linked is enough: both ways of demoting pause writes until the copy has caught up. Waiting
+                # here for equal offsets never ends while a busy producer keeps writing.
+                _wait(lambda: self._linked(r, c), timeout, "the copy to sync")
                 record.detail["keys"] = keys
             if via == "failover":
                 self._failover(self.server.port, copy.port, timeout)

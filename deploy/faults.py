@@ -20,8 +20,9 @@ raises before anything was demoted rather than falling back to a plain REPLICAOF
 
 `readonly(via="replicaof")` demotes as Sentinel or an operator does: the copy is promoted with
 REPLICAOF NO ONE and this server is pointed at it with REPLICAOF (writes paused first until the copy
-has caught up, so nothing is lost). Unlike FAILOVER, this answers a client blocked in BLMOVE or
-XREADGROUP with `UNBLOCKED ... (master -> replica?)` and closes its connection.
+has caught up, so nothing is lost). A client blocked in BLMOVE or XREADGROUP at that moment gets
+`UNBLOCKED ... (master -> replica?)` and its connection is closed. FAILOVER does that too on Redis
+7.0, but only to a call that came in during its write pause (2 of 8 failovers of a busy worker).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ On this machine, with real processes:
      poison inputs from `deploy.poison` mixed in (`--poison-share`);
   5. every `--fault-every` seconds one fault, in rotation: SIGKILL of a worker (the harness
      starts it again: part of the fault), kill -9 and restart of Redis, a 15 s CLIENT PAUSE,
-     an OOM window, a model promotion (`--faults` picks; `readonly` is also available);
+     an OOM window, a model promotion (`--faults` picks; `readonly` and `disk_full` are also available);
   6. a drain with a deadline, then every accepted frame id reconciled against its terminal
      outcome read from Redis (job status, RQ results), never from what the workers say.
 
@@ -56,7 +56,7 @@ from .poison import CanaryServer, Poison, all_poisons, canary_report, plant
 from .workers import pythonpath, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULT_KINDS = ("kill_worker", "kill_redis", "pause", "oom", "promote", "readonly")
+FAULT_KINDS = ("kill_worker", "kill_redis", "pause", "oom", "promote", "readonly", "disk_full")
 DEFAULT_FAULTS = "kill_worker,kill_redis,pause,oom,promote"
 TERMINAL = ("finished", "failed")
 EXPIRED_REASON = re.compile(r"^FrameExpired\b")  # strict: a vaguer match could hide a failure as "expired"
@@ -718,6 +718,8 @@ class Chaos(threading.Thread):
             # A copy of a soak's dataset (every frame's hash for result_ttl) takes a while to sync on 2 cores.
             return self.faults.readonly_window(a.readonly_s, timeout=120,
                                                via=("failover", "replicaof")[self._readonly % 2])
+        if kind == "disk_full":
+            return self.faults.disk_full_window(a.disk_full_s)
         if kind == "promote":
             record = FaultRecord("promote", time.time())
             record.detail["version"] = self.models.promote_next()
@@ -853,7 +855,7 @@ def plot_timeline(report: dict[str, Any], watcher: Watcher, path: Path) -> None:
     ax3.legend(loc="upper left", fontsize=8)
     alive.legend(loc="upper right", fontsize=8)
     colors = {"kill_worker": "tab:red", "kill_redis": "tab:purple", "pause": "tab:orange", "oom": "tab:brown",
-              "promote": "tab:green", "readonly": "tab:gray"}
+              "promote": "tab:green", "readonly": "tab:gray", "disk_full": "tab:olive"}
     for f in report["faults"]:
         for ax in (ax1, ax2, ax3):
             ax.axvspan(f["started"] - t0, max(f["ended"], f["started"] + 0.5) - t0, color=colors.get(f["kind"], "k"),
@@ -898,6 +900,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pause-s", type=float, default=15.0)
     p.add_argument("--oom-s", type=float, default=15.0)
     p.add_argument("--readonly-s", type=float, default=15.0)
+    p.add_argument("--disk-full-s", type=float, default=15.0)
     p.add_argument("--redis-down-s", type=float, default=2.0, help="how long Redis stays dead before its restart")
     p.add_argument("--drain-s", type=float, default=150.0, help="deadline for every accepted frame to end")
     p.add_argument("--result-ttl", type=int, default=120, help="result TTL of soak frames (their hash lives this long)")

@@ -5,6 +5,7 @@
     faults.pause(15)                        # CLIENT PAUSE ALL: every client blocks
     faults.oom_window(15)                   # maxmemory just below used memory, noeviction: writes get OOM
     faults.readonly_window(15)              # a coordinated FAILOVER to a copy: writes get READONLY
+    faults.disk_full_window(15)             # a snapshot that cannot be written: writes get MISCONF
 
 Each `*_window` has a context-manager form (`with faults.readonly(): ...`) for tests that act
 inside the window. Each call returns a `FaultRecord` (start, end, what happened) for reports.
@@ -28,10 +29,12 @@ has caught up, so nothing is lost). A client blocked in BLMOVE or XREADGROUP at 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -245,6 +248,49 @@ class RedisFaults:
 
     def readonly_window(self, seconds: float, timeout: float = 30.0, via: str = "failover") -> FaultRecord:
         with self.readonly(timeout, via) as record:
+            time.sleep(seconds)  # the window's length
+        return record
+
+    # -- MISCONF ------------------------------------------------------------------------------
+    def _snapshot(self, r: Redis, timeout: float) -> str:
+        """BGSAVE (after any AOF rewrite in progress) and wait for it: "ok" or "err"."""
+        r.execute_command("BGSAVE", "SCHEDULE")
+
+        def done() -> str | None:
+            info = r.info("persistence")
+            busy = info["rdb_bgsave_in_progress"] or info.get("rdb_saves_scheduled") or info["aof_rewrite_in_progress"]
+            return None if busy else info["rdb_last_bgsave_status"]
+
+        return _wait(done, timeout, "a snapshot to end")
+
+    @contextlib.contextmanager
+    def disk_full(self, timeout: float = 60.0) -> Iterator[FaultRecord]:
+        """Writes get MISCONF until the block ends, as when the disk fills: Redis with save points refuses
+        writes once a snapshot failed. Here it fails because a directory stands where the RDB file goes."""
+        with contextlib.closing(self._admin()) as r:
+            save = r.config_get("save")["save"]
+            target = Path(r.config_get("dir")["dir"]) / r.config_get("dbfilename")["dbfilename"]
+            kept = target.with_name(target.name + ".vq-fault")
+            if target.exists():
+                target.rename(kept)
+            (target / "in-the-way").mkdir(parents=True)
+            record = FaultRecord("redis_disk_full", time.time(), detail={"in_the_way": str(target)})
+            try:
+                r.config_set("save", "3600 1")
+                if self._snapshot(r, timeout) != "err":
+                    raise FaultError(f"a snapshot was written although {target} is a directory")
+                record.started = time.time()
+                yield record
+            finally:
+                shutil.rmtree(target, ignore_errors=True)
+                if kept.exists():
+                    kept.rename(target)
+                record.detail["healed_by_snapshot"] = self._snapshot(r, timeout)
+                r.config_set("save", save)
+                record.ended = time.time()
+
+    def disk_full_window(self, seconds: float, timeout: float = 60.0) -> FaultRecord:
+        with self.disk_full(timeout) as record:
             time.sleep(seconds)  # the window's length
         return record
 

@@ -19,7 +19,7 @@ import msgpack
 import pytest
 from conftest import wait_for
 from redis import Redis
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from rq.job import JobStatus
 from rq.results import Result
 
@@ -171,6 +171,19 @@ def test_readonly_window_refuses_writes_and_loses_no_data(aof_server: RedisServe
     assert conn.dbsize() == 302
     assert conn.llen("list") == 50 and conn.get("k299") == b"299"
     assert conn.info("replication")["role"] == "master"
+
+
+def test_a_full_disk_window_refuses_writes_with_misconf_and_heals(aof_server: RedisServer):
+    conn = Redis.from_url(aof_server.url)
+    conn.set("before", 1)
+    with RedisFaults(aof_server).disk_full() as record:
+        with pytest.raises(ResponseError) as caught:
+            conn.set("during", 1)
+        assert str(caught.value).startswith("MISCONF") and is_transient(caught.value)
+        assert conn.get("before") == b"1"
+    assert conn.set("after", 1) and record.detail["healed_by_snapshot"] == "ok"
+    assert conn.config_get("save")["save"] == ""  # the server's own setting is back
+    assert conn.dbsize() == 2
 
 
 def test_a_demotion_unblocks_a_blocked_call_with_an_error_that_is_waited_out(aof_server: RedisServer):

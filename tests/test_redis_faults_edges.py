@@ -8,6 +8,7 @@ job and result API, so no model has to load: these tests are about what surround
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from continual.ingest import GROUP, ingest
 from continual.store import SampleStore
 from continual.update import LOCK_KEY, UpdateLock, get_args_parser
 from continual.update import main as update_main
+from deploy.faults import RedisFaults
 from deploy.gateway import create_app
 from producer.api import Producer
 from producer.camera import CameraOptions, CameraStreamer
@@ -141,16 +143,20 @@ def make_readonly(primary: RedisServer, other: RedisServer) -> Redis:
     return conn
 
 
-@pytest.mark.parametrize("fault", ["readonly", "oom", "pause"])
-def test_submit_waits_out_readonly_oom_and_pause(fault: str, redis_server: RedisServer, redis_conn: Redis) -> None:
+@pytest.mark.parametrize("fault", ["readonly", "oom", "disk_full", "pause"])
+def test_submit_waits_out_readonly_oom_full_disk_and_pause(fault: str, redis_server: RedisServer,
+                                                           redis_conn: Redis) -> None:
     # A short socket timeout, so the paused write times out (and is resent) rather than just waiting.
     producer = Producer(connect(redis_server.url, socket_timeout=0.3), station="s", max_outage_s=30)
     producer.health.max_delay = 0.1
     other = RedisServer().start() if fault == "readonly" else None
+    full_disk = contextlib.ExitStack()
     try:
         if fault == "readonly":
             redis_conn.replicaof("127.0.0.1", other.port)
             wait_for(lambda: redis_conn.info("replication")["master_link_status"] == "up", timeout=10)
+        elif fault == "disk_full":
+            full_disk.enter_context(RedisFaults(redis_server).disk_full())
         elif fault == "oom":
             redis_conn.config_set("maxmemory", 1)
         else:
@@ -160,6 +166,8 @@ def test_submit_waits_out_readonly_oom_and_pause(fault: str, redis_server: Redis
         wait_for(lambda: not producer.health.up, timeout=10, what=f"the producer noticing {fault}")
         if fault == "readonly":
             redis_conn.replicaof("no", "one")
+        elif fault == "disk_full":
+            full_disk.close()
         elif fault == "oom":
             redis_conn.config_set("maxmemory", 0)
         else:
@@ -169,6 +177,7 @@ def test_submit_waits_out_readonly_oom_and_pause(fault: str, redis_server: Redis
         # Exactly one job per frame, even where a timed-out EXEC may have been applied after all.
         assert FrameQueue(connection=redis_conn).job_ids == [f["id"] for f in batch]
     finally:
+        full_disk.close()
         if other is not None:
             other.stop()
         producer.connection.close()

@@ -290,8 +290,8 @@ def test_redis_kill9_and_restart_mid_batch_loses_nothing_and_the_worker_stays(tm
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("fault", ["readonly", "oom", "pause"])
-def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, subprocess_env):
+@pytest.mark.parametrize("fault", ["readonly", "oom", "disk_full", "pause"])
+def test_readonly_oom_full_disk_and_pause_are_ridden_through(fault, tmp_path, aof_server, subprocess_env):
     artifact, conn, ids = _slow_model_and_frames(tmp_path, aof_server, 120)
     faults, log = RedisFaults(aof_server), tmp_path / "w.log"
     # Leases outlive the fault's setup (a failover under load takes a while): no frame looks abandoned.
@@ -305,7 +305,7 @@ def test_readonly_oom_and_pause_are_ridden_through(fault, tmp_path, aof_server, 
         else:
             # Held still while the fault is set up, so its next writes meet the fault with batches in hand.
             proc.send_signal(signal.SIGSTOP)
-            window = faults.readonly() if fault == "readonly" else faults.oom()
+            window = {"readonly": faults.readonly, "oom": faults.oom, "disk_full": faults.disk_full}[fault]()
             with window:
                 proc.send_signal(signal.SIGCONT)
                 wait_for(lambda: count_lines(log, "is unavailable"), timeout=60, what="the worker to see the fault")

@@ -2,10 +2,10 @@
 
 A worker, a producer, the gateway and the updater all meet the same faults: a restart (refused
 connections, then LOADING while the AOF replays), a failover (READONLY; UNBLOCKED for a call blocked
-at that moment), a full server (OOM under `maxmemory`), a pause. None of them is a reason to exit.
-`RedisHealth` is the one place that decides: it backs off with jitter, logs once per change of
-state, reports up/down to whoever wants to know (a metric), and gives up only after `max_outage_s`
-of continuous failure.
+at that moment), a full server (OOM under `maxmemory`), a full disk (MISCONF), a pause. None of
+them is a reason to exit. `RedisHealth` is the one place that decides: it backs off with jitter,
+logs once per change of state, reports up/down to whoever wants to know (a metric), and gives up
+only after `max_outage_s` of continuous failure.
 
 Where Redis is, and with which credential, is decided here too, once for every process:
 `resolve_url` (REDIS_URL / REDIS_URL_FILE / REDIS_PASSWORD_FILE), `mask_url` for anything that
@@ -41,8 +41,9 @@ T = TypeVar("T")
 # the reply's first word (BUSYGROUP, say, is a permanent "group exists", not BUSY). UNBLOCKED is what a
 # client blocked in BLMOVE or XREADGROUP gets when its master is demoted (REPLICAOF, as Sentinel does to
 # an old master): the command did nothing, and the server closes the connection after the reply.
+# MISCONF: a snapshot could not be written (a full disk) and Redis refuses writes until one is.
 _TRANSIENT_CODES = frozenset({"OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY",
-                              "CLUSTERDOWN", "UNBLOCKED"})
+                              "CLUSTERDOWN", "UNBLOCKED", "MISCONF"})
 
 
 class RedisOutageError(RuntimeError):

@@ -353,6 +353,34 @@ def test_an_error_that_waiting_cannot_cure_stops_the_worker_with_a_failing_exit_
     assert "stopped by an unexpected error: ResponseError: WRONGTYPE" in log.read_text()
 
 
+@pytest.mark.parametrize("lost", ["everything", "the worker's hash"])
+def test_a_worker_that_redis_forgot_registers_again_and_serves_on(lost, tmp_path, redis_url, redis_conn,
+                                                                 subprocess_env):
+    """A flush; or a restart from the AOF after the worker's hash expired while Redis was down."""
+    log = tmp_path / "w.log"
+    proc = start(redis_url, subprocess_env, "w-forgotten", log, VQ_MODEL_PATH=str(tiny_artifact(tmp_path / "m")),
+                 VQ_MAINTENANCE_INTERVAL="1")
+    try:
+        workers.wait_registered(redis_conn, proc, "w-forgotten")
+        if lost == "everything":
+            redis_conn.flushall()
+        else:
+            redis_conn.delete("rq:worker:w-forgotten")
+            wait_for(lambda: redis_conn.hexists("rq:worker:w-forgotten", "last_heartbeat"), timeout=30,
+                     what="a heartbeat on the forgotten hash")
+        wait_for(lambda: redis_conn.hexists("rq:worker:w-forgotten", "birth"), timeout=30,
+                 what="the worker registered again")
+        assert workers.is_registered(redis_conn, "w-forgotten")
+        worker = rq.Worker.find_by_key("rq:worker:w-forgotten", connection=redis_conn)
+        assert worker is not None and worker.queue_names() == ["inference"] and worker.get_state() in ("idle", "busy")
+        ids = [job.id for job in enqueue_frames(FrameQueue(connection=redis_conn), frames(3))]
+        wait_ended(redis_conn, ids, proc, log, 60, "frames sent after the flush")
+        assert all(status_of(redis_conn, i) == "finished" for i in ids)
+        assert count_lines(log, "registering it again") == 1
+    finally:
+        stop(proc)
+
+
 def test_an_outage_past_the_limit_exits_nonzero_saying_why(tmp_path, subprocess_env):
     artifact = tiny_artifact(tmp_path / "model")
     server = RedisServer().start()

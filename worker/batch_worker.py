@@ -316,6 +316,13 @@ class BatchWorker(SimpleWorker):
 
     def _maintain(self) -> None:
         super().run_maintenance_tasks()
+        if not rq.is_registered(self.connection, self):
+            # Redis forgot this worker: it was flushed, or it came back from its AOF after the worker's key
+            # expired while it was down (a restart longer than VQ_WORKER_TTL). The worker serves on either
+            # way, but `rq info`, the registries and an autoscaler counting workers would not see it.
+            log.warning("this worker's registration was gone from redis; registering it again", worker=self.name)
+            rq.register_again(self)
+            self.set_state(self._state)
         for queue in self.queues:
             counts = self._intermediate.sweep(self.connection, queue, self.settings.max_rescues, self.name,
                                               self.serializer)

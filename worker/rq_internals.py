@@ -36,7 +36,7 @@ from rq.results import Result
 from rq.utils import as_text, current_timestamp, parse_composite_key, utcformat
 from rq.utils import now as now  # re-exported: the timestamp RQ writes
 from rq.worker import Worker
-from rq.worker_registration import clean_worker_registry
+from rq.worker_registration import REDIS_WORKER_KEYS, clean_worker_registry
 
 from .jobs import FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS, FrameJob
 
@@ -600,3 +600,23 @@ def clean_other_registries(queue: Queue) -> None:
     FailedJobRegistry(queue.name, connection=queue.connection, job_class=FrameJob,
                       serializer=queue.serializer).cleanup()
     clean_worker_registry(queue)
+
+
+# -- the worker's own registration --------------------------------------------------------------
+def is_registered(conn: Redis, worker: Worker) -> bool:
+    """Whether `rq info` lists `worker` as RQ registered it: in RQ's set of workers, its hash whole.
+
+    The set has no TTL and the hash has one: a Redis restarted from its AOF after the hash expired
+    still lists the worker, and a heartbeat since has left a hash of one field."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.sismember(REDIS_WORKER_KEYS, worker.key)
+        pipe.hexists(worker.key, "birth")
+        listed, whole = pipe.execute()
+    return bool(listed and whole)
+
+
+def register_again(worker: Worker) -> None:
+    """RQ's own registration, once Redis has forgotten it. RQ's register_birth takes a key without a
+    death field for a live namesake, and the heartbeats since the loss have left just such a hash."""
+    worker.connection.delete(worker.key)
+    worker.register_birth()

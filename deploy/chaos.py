@@ -714,10 +714,10 @@ class Chaos(threading.Thread):
         if kind == "oom":
             return self.faults.oom_window(a.oom_s)
         if kind == "readonly":
+            via = ("failover", "replicaof")[self._readonly % 2]
             self._readonly += 1
             # A copy of a soak's dataset (every frame's hash for result_ttl) takes a while to sync on 2 cores.
-            return self.faults.readonly_window(a.readonly_s, timeout=120,
-                                               via=("failover", "replicaof")[self._readonly % 2])
+            return self.faults.readonly_window(a.readonly_s, timeout=120, via=via)
         if kind == "disk_full":
             return self.faults.disk_full_window(a.disk_full_s)
         if kind == "promote":

@@ -22,8 +22,8 @@ raises before anything was demoted rather than falling back to a plain REPLICAOF
 `readonly(via="replicaof")` demotes as Sentinel or an operator does: the copy is promoted with
 REPLICAOF NO ONE and this server is pointed at it with REPLICAOF (writes paused first until the copy
 has caught up, so nothing is lost). A client blocked in BLMOVE or XREADGROUP at that moment gets
-`UNBLOCKED ... (master -> replica?)` and its connection is closed. FAILOVER does that too on Redis
-7.0, but only to a call that came in during its write pause (2 of 8 failovers of a busy worker).
+`UNBLOCKED ... (master -> replica?)` and its connection is closed. A coordinated FAILOVER can do that
+too (2 of 8 failovers of a busy worker on Redis 7.0).
 """
 
 from __future__ import annotations
@@ -231,20 +231,27 @@ class RedisFaults:
             record.started = time.time()
             yield record
         finally:
-            if demoted:
-                if via == "failover":
-                    self._failover(copy.port, self.server.port, timeout)
-                else:  # nothing writes to the copy: once this server has all of it, it is promoted below
-                    with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy.port)) as c:
-                        _wait(lambda: c.info("replication").get("master_repl_offset")
-                              == r.info("replication").get("slave_repl_offset"), timeout, "the copy's writes to return")
-            with contextlib.closing(self._admin()) as r:
-                info = r.info("replication")
-                if info.get("role") != "master":  # never leave the server demoted
-                    r.replicaof("NO", "ONE")
-                record.detail["keys_after"] = r.dbsize()
-            copy.stop()
-            record.ended = time.time()
+            try:
+                if demoted:
+                    self._promote_back(copy.port, timeout, via)
+            finally:
+                try:
+                    with contextlib.closing(self._admin()) as r:
+                        if r.info("replication").get("role") != "master":  # never leave the server demoted
+                            r.replicaof("NO", "ONE")
+                        record.detail["keys_after"] = r.dbsize()
+                finally:
+                    copy.stop()
+                    record.ended = time.time()
+
+    def _promote_back(self, copy_port: int, timeout: float, via: str) -> None:
+        if via == "failover":
+            self._failover(copy_port, self.server.port, timeout)
+            return
+        # Nothing writes to the copy: once this server has all of it, it is promoted (by the caller).
+        with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy_port)) as c:
+            _wait(lambda: c.info("replication").get("master_repl_offset")
+                  == r.info("replication").get("slave_repl_offset"), timeout, "the copy's writes to return")
 
     def readonly_window(self, seconds: float, timeout: float = 30.0, via: str = "failover") -> FaultRecord:
         with self.readonly(timeout, via) as record:
@@ -253,41 +260,57 @@ class RedisFaults:
 
     # -- MISCONF ------------------------------------------------------------------------------
     def _snapshot(self, r: Redis, timeout: float) -> str:
-        """BGSAVE (after any AOF rewrite in progress) and wait for it: "ok" or "err"."""
-        r.execute_command("BGSAVE", "SCHEDULE")
+        """A BGSAVE, once no other child (an AOF rewrite, a replica's sync, a save) is in the way: "ok" or "err"."""
+        def started() -> bool:
+            try:
+                r.bgsave()
+            except ResponseError as exc:  # "already in progress", "another child process is active"
+                if "progress" in str(exc) or "child" in str(exc):
+                    return False
+                raise
+            return True
 
-        def done() -> str | None:
-            info = r.info("persistence")
-            busy = info["rdb_bgsave_in_progress"] or info.get("rdb_saves_scheduled") or info["aof_rewrite_in_progress"]
-            return None if busy else info["rdb_last_bgsave_status"]
+        _wait(started, timeout, "a snapshot to start", interval=0.1)
+        return _wait(lambda: not r.info("persistence")["rdb_bgsave_in_progress"]
+                     and r.info("persistence")["rdb_last_bgsave_status"], timeout, "a snapshot to end")
 
-        return _wait(done, timeout, "a snapshot to end")
+    def _rdb_path(self, r: Redis) -> Path:
+        return Path(r.config_get("dir")["dir"]) / r.config_get("dbfilename")["dbfilename"]
 
     @contextlib.contextmanager
     def disk_full(self, timeout: float = 60.0) -> Iterator[FaultRecord]:
         """Writes get MISCONF until the block ends, as when the disk fills: Redis with save points refuses
         writes once a snapshot failed. Here it fails because a directory stands where the RDB file goes."""
         with contextlib.closing(self._admin()) as r:
-            save = r.config_get("save")["save"]
-            target = Path(r.config_get("dir")["dir"]) / r.config_get("dbfilename")["dbfilename"]
+            before = {**r.config_get("save"), **r.config_get("stop-writes-on-bgsave-error")}
+            target = self._rdb_path(r)
             kept = target.with_name(target.name + ".vq-fault")
-            if target.exists():
-                target.rename(kept)
-            (target / "in-the-way").mkdir(parents=True)
             record = FaultRecord("redis_disk_full", time.time(), detail={"in_the_way": str(target)})
             try:
+                if target.is_file():
+                    target.rename(kept)
+                (target / "in-the-way").mkdir(parents=True, exist_ok=True)
+                r.config_set("stop-writes-on-bgsave-error", "yes")
                 r.config_set("save", "3600 1")
                 if self._snapshot(r, timeout) != "err":
                     raise FaultError(f"a snapshot was written although {target} is a directory")
                 record.started = time.time()
                 yield record
             finally:
-                shutil.rmtree(target, ignore_errors=True)
-                if kept.exists():
-                    kept.rename(target)
-                record.detail["healed_by_snapshot"] = self._snapshot(r, timeout)
-                r.config_set("save", save)
-                record.ended = time.time()
+                try:
+                    self._clear_the_way(target, kept)
+                    record.detail["healed_by_snapshot"] = self._snapshot(r, timeout)
+                finally:
+                    for name, value in before.items():
+                        r.config_set(name, value)
+                    record.ended = time.time()
+
+    @staticmethod
+    def _clear_the_way(target: Path, kept: Path) -> None:
+        if target.is_dir():
+            shutil.rmtree(target)
+        if kept.exists():
+            kept.rename(target)
 
     def disk_full_window(self, seconds: float, timeout: float = 60.0) -> FaultRecord:
         with self.disk_full(timeout) as record:
@@ -304,6 +327,10 @@ class RedisFaults:
             if r.info("replication").get("role") != "master":
                 r.replicaof("NO", "ONE")
             r.config_set("maxmemory", 0)
+            target = self._rdb_path(r)
+            if target.is_dir() or r.info("persistence")["rdb_last_bgsave_status"] != "ok":
+                self._clear_the_way(target, target.with_name(target.name + ".vq-fault"))
+                self._snapshot(r, self.load_timeout)
 
 
 __all__ = ["FaultError", "FaultRecord", "RedisFaults"]

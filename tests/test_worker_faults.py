@@ -57,7 +57,11 @@ def wait_ended(conn: Redis, ids: list[str], proc: subprocess.Popen, log: Path, t
     try:
         wait_for(lambda: ended(conn, ids), timeout=timeout, what=what)
     except pytest.fail.Exception:
-        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{explain(conn, ids, proc, log)}")
+        try:
+            why = explain(conn, ids, proc, log)
+        except Exception as exc:  # Redis itself gone: the timeout is still the failure to report
+            why = f"(no explanation: {type(exc).__name__}: {exc})"
+        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{why}")
 
 
 def explain(conn: Redis, ids: list[str], proc: subprocess.Popen, log: Path) -> str:
@@ -315,11 +319,16 @@ def test_readonly_oom_full_disk_and_pause_are_ridden_through(fault, tmp_path, ao
         if fault != "pause":  # logged just after the call that succeeded: it may trail the last frame
             wait_for(lambda: count_lines(log, "is back"), timeout=30, what="the worker to log that redis is back")
     finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a fault that failed to start left it stopped
         stop(proc)
 
 
 def test_an_idle_worker_rides_through_a_demotion_that_unblocks_its_dequeue(tmp_path, aof_server, subprocess_env):
-    """Sentinel demotes an old master with REPLICAOF: the BLMOVE an idle worker waits in answers UNBLOCKED."""
+    """Sentinel demotes an old master with REPLICAOF: the BLMOVE an idle worker waits in answers UNBLOCKED.
+
+    Usually: the worker's BLMOVE lasts a second, and one sent while the demotion pauses writes gets
+    READONLY instead. Either must be waited out; test_chaos.py checks UNBLOCKED itself, deterministically."""
     conn = Redis.from_url(aof_server.url)
     log = tmp_path / "w.log"
     proc = start(aof_server.url, subprocess_env, "w-demoted", log, **_ride_settings(tiny_artifact(tmp_path / "m")))
@@ -365,9 +374,10 @@ def test_a_worker_that_redis_forgot_registers_again_and_serves_on(lost, tmp_path
         if lost == "everything":
             redis_conn.flushall()
         else:
-            redis_conn.delete("rq:worker:w-forgotten")
-            wait_for(lambda: redis_conn.hexists("rq:worker:w-forgotten", "last_heartbeat"), timeout=30,
-                     what="a heartbeat on the forgotten hash")
+            with redis_conn.pipeline() as pipe:  # what a heartbeat leaves on a hash that expired
+                pipe.delete("rq:worker:w-forgotten")
+                pipe.hset("rq:worker:w-forgotten", "last_heartbeat", "2026-11-29T00:00:00.000000Z")
+                pipe.execute()
         wait_for(lambda: redis_conn.hexists("rq:worker:w-forgotten", "birth"), timeout=30,
                  what="the worker registered again")
         assert workers.is_registered(redis_conn, "w-forgotten")

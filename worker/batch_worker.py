@@ -87,9 +87,10 @@ AHEAD_POLL_S = 0.005
 
 
 def _noting_crash(method: Callable[..., T]) -> Callable[..., T]:
-    """RQ's work loop logs an unexpected exception and returns as if asked to stop, and `rq worker` then
-    exits 0: a supervisor that restarts on failure (systemd Restart=on-failure) would leave the queue
-    unserved. The error is kept so that `teardown` exits non-zero with it."""
+    """For the methods RQ's work loop calls. It logs an unexpected exception and returns as if asked to
+    stop, and `rq worker` then exits 0: a supervisor that restarts on failure (systemd
+    Restart=on-failure) would leave the queue unserved. The error is kept so that `teardown` exits
+    non-zero with it. Only the main thread's: the heartbeat thread handles its own errors."""
     @functools.wraps(method)
     def noted(self: BatchWorker, *args: Any, **kwargs: Any) -> T:
         try:
@@ -97,7 +98,8 @@ def _noting_crash(method: Callable[..., T]) -> Callable[..., T]:
         except StopRequested:
             raise
         except Exception as exc:
-            self._crashed = exc
+            if threading.current_thread() is threading.main_thread():
+                self._crashed = exc
             raise
     return noted
 
@@ -196,6 +198,7 @@ class BatchWorker(SimpleWorker):
             log.error("giving up: redis stayed away too long", error=str(exc), batches_in_hand=len(self._batches))
         self._give_up.set()
 
+    @_noting_crash
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
@@ -209,6 +212,7 @@ class BatchWorker(SimpleWorker):
             self._state = state  # RQ's signal handler reads the local copy; Redis's may lag during an outage
             self._quietly(lambda: super(BatchWorker, self).set_state(state))
 
+    @_noting_crash
     def check_for_suspension(self, burst: bool) -> None:
         """RQ's `rq suspend`, looked at every SUSPEND_POLL_S (RQ sleeps 1 s), so that `rq resume` sets a fleet
         back to work within a tenth of a second of each other; the idle loop asks too (see below)."""
@@ -321,8 +325,7 @@ class BatchWorker(SimpleWorker):
             # expired while it was down (a restart longer than VQ_WORKER_TTL). The worker serves on either
             # way, but `rq info`, the registries and an autoscaler counting workers would not see it.
             log.warning("this worker's registration was gone from redis; registering it again", worker=self.name)
-            rq.register_again(self)
-            self.set_state(self._state)
+            rq.register_again(self, self._state)
         for queue in self.queues:
             counts = self._intermediate.sweep(self.connection, queue, self.settings.max_rescues, self.name,
                                               self.serializer)
@@ -691,7 +694,11 @@ class BatchWorker(SimpleWorker):
             with self._lock:
                 batches = list(self._batches.values())
             if batches:
-                self._quietly(lambda b=batches: self._keep_alive(b))
+                try:
+                    self._quietly(lambda b=batches: self._keep_alive(b))
+                except Exception:
+                    # A thread that died here would let every lease in hand run out while its frames are served.
+                    log.exception("could not renew the leases of the frames in hand; trying again")
 
     def _keep_alive(self, batches: list[Batch]) -> None:
         held = []

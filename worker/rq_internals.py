@@ -36,7 +36,8 @@ from rq.results import Result
 from rq.utils import as_text, current_timestamp, parse_composite_key, utcformat
 from rq.utils import now as now  # re-exported: the timestamp RQ writes
 from rq.worker import Worker
-from rq.worker_registration import REDIS_WORKER_KEYS, clean_worker_registry
+from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY, clean_worker_registry
+from rq.worker_registration import register as register_worker
 
 from .jobs import FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS, FrameJob
 
@@ -604,19 +605,27 @@ def clean_other_registries(queue: Queue) -> None:
 
 # -- the worker's own registration --------------------------------------------------------------
 def is_registered(conn: Redis, worker: Worker) -> bool:
-    """Whether `rq info` lists `worker` as RQ registered it: in RQ's set of workers, its hash whole.
+    """Whether `rq info` (and an autoscaler counting a queue's workers) lists `worker` as RQ registered it:
+    in RQ's set of workers and in each of its queues' sets, its hash whole.
 
-    The set has no TTL and the hash has one: a Redis restarted from its AOF after the hash expired
+    The sets have no TTL and the hash has one: a Redis restarted from its AOF after the hash expired
     still lists the worker, and a heartbeat since has left a hash of one field."""
     with conn.pipeline(transaction=False) as pipe:
         pipe.sismember(REDIS_WORKER_KEYS, worker.key)
+        for name in worker.queue_names():
+            pipe.sismember(WORKERS_BY_QUEUE_KEY % name, worker.key)
         pipe.hexists(worker.key, "birth")
-        listed, whole = pipe.execute()
-    return bool(listed and whole)
+        return all(pipe.execute())
 
 
-def register_again(worker: Worker) -> None:
-    """RQ's own registration, once Redis has forgotten it. RQ's register_birth takes a key without a
-    death field for a live namesake, and the heartbeats since the loss have left just such a hash."""
-    worker.connection.delete(worker.key)
-    worker.register_birth()
+def register_again(worker: Worker, state: str) -> None:
+    """What RQ's register_birth writes, with the worker's state, in one transaction: RQ's own would take
+    the hash a heartbeat left since the loss for a live namesake, and a heartbeat can land between its
+    check and its write."""
+    worker.birth_date = worker.last_heartbeat = now()
+    with worker.connection.pipeline() as pipe:
+        pipe.delete(worker.key)
+        pipe.hset(worker.key, mapping={**worker.serialize(), "state": state})
+        register_worker(worker, pipe)
+        pipe.expire(worker.key, worker.worker_ttl + 60)
+        pipe.execute()

@@ -250,8 +250,7 @@ class RedisFaults:
             return
         # Nothing writes to the copy: once this server has all of it, it is promoted (by the caller).
         with contextlib.closing(self._admin()) as r, contextlib.closing(self._admin(copy_port)) as c:
-            _wait(lambda: c.info("replication").get("master_repl_offset")
-                  == r.info("replication").get("slave_repl_offset"), timeout, "the copy's writes to return")
+            _wait(lambda: self._linked(c, r, caught_up=True), timeout, "the copy's writes to return")
 
     def readonly_window(self, seconds: float, timeout: float = 30.0, via: str = "failover") -> FaultRecord:
         with self.readonly(timeout, via) as record:
@@ -270,12 +269,20 @@ class RedisFaults:
                 raise
             return True
 
+        def ended() -> str | None:
+            info = r.info("persistence")
+            return None if info["rdb_bgsave_in_progress"] else info["rdb_last_bgsave_status"]
+
         _wait(started, timeout, "a snapshot to start", interval=0.1)
-        return _wait(lambda: not r.info("persistence")["rdb_bgsave_in_progress"]
-                     and r.info("persistence")["rdb_last_bgsave_status"], timeout, "a snapshot to end")
+        return _wait(ended, timeout, "a snapshot to end")
 
     def _rdb_path(self, r: Redis) -> Path:
         return Path(r.config_get("dir")["dir"]) / r.config_get("dbfilename")["dbfilename"]
+
+    @staticmethod
+    def _set_aside(target: Path) -> Path:
+        """Where a real RDB file waits while a directory stands in its place."""
+        return target.with_name(target.name + ".vq-fault")
 
     @contextlib.contextmanager
     def disk_full(self, timeout: float = 60.0) -> Iterator[FaultRecord]:
@@ -284,11 +291,10 @@ class RedisFaults:
         with contextlib.closing(self._admin()) as r:
             before = {**r.config_get("save"), **r.config_get("stop-writes-on-bgsave-error")}
             target = self._rdb_path(r)
-            kept = target.with_name(target.name + ".vq-fault")
             record = FaultRecord("redis_disk_full", time.time(), detail={"in_the_way": str(target)})
             try:
                 if target.is_file():
-                    target.rename(kept)
+                    target.rename(self._set_aside(target))
                 (target / "in-the-way").mkdir(parents=True, exist_ok=True)
                 r.config_set("stop-writes-on-bgsave-error", "yes")
                 r.config_set("save", "3600 1")
@@ -298,19 +304,18 @@ class RedisFaults:
                 yield record
             finally:
                 try:
-                    self._clear_the_way(target, kept)
+                    self._clear_the_way(target)
                     record.detail["healed_by_snapshot"] = self._snapshot(r, timeout)
                 finally:
                     for name, value in before.items():
                         r.config_set(name, value)
                     record.ended = time.time()
 
-    @staticmethod
-    def _clear_the_way(target: Path, kept: Path) -> None:
+    def _clear_the_way(self, target: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target)
-        if kept.exists():
-            kept.rename(target)
+        if self._set_aside(target).exists():
+            self._set_aside(target).rename(target)
 
     def disk_full_window(self, seconds: float, timeout: float = 60.0) -> FaultRecord:
         with self.disk_full(timeout) as record:
@@ -329,7 +334,7 @@ class RedisFaults:
             r.config_set("maxmemory", 0)
             target = self._rdb_path(r)
             if target.is_dir() or r.info("persistence")["rdb_last_bgsave_status"] != "ok":
-                self._clear_the_way(target, target.with_name(target.name + ".vq-fault"))
+                self._clear_the_way(target)
                 self._snapshot(r, self.load_timeout)
 
 

@@ -221,6 +221,22 @@ def test_a_transaction_redis_refuses_when_full_is_transient_too(redis_conn):
     assert not is_transient(ExecAbortError("Transaction discarded because of previous errors."))
 
 
+def test_a_fault_met_inside_a_script_is_transient_and_a_scripts_own_error_is_not():
+    """The reply a claim got in CI when a FAILOVER demoted Redis around it: the worker must wait, not quit."""
+    from redis.exceptions import ResponseError
+
+    seen = ("Error running script (call to f_69cc3299162e1171c1f4ca4dff0ac82d64860a1d): @user_script:76: "
+            "@user_script: 76: -READONLY You can't write against a read only replica.")
+    assert is_transient(ResponseError(seen))
+    assert is_transient(ResponseError(seen.replace("-READONLY You can't write against a read only replica.",
+                                                   "-OOM command not allowed when used memory > 'maxmemory'.")))
+    assert not is_transient(ResponseError("Error running script (call to f_69cc): @user_script:12: "
+                                          "@user_script: 12: -WRONGTYPE Operation against a key holding the wrong "
+                                          "kind of value"))
+    assert not is_transient(ResponseError("Error running script (call to f_69cc): @user_script:3: user_script:3: "
+                                          "attempt to compare nil with number"))
+
+
 def test_leases_are_renewed_only_where_they_still_exist(redis_conn):
     queue, _ = _queue(redis_conn, 2)
     claims = rq.claim_batch(redis_conn, queue, "w1", [], 2, 5, MsgpackSerializer)

@@ -68,6 +68,11 @@ def is_transient(exc: BaseException) -> bool:
         # "Transaction discarded because of: OOM …": the cause is the code after either.
         for marker in ("caused error: ", "because of: "):
             text = text.rsplit(marker, 1)[-1]
+        if text.startswith("Error running script"):
+            # A write that failed inside a script, as Redis reports it when the script met the fault after it
+            # had started (seen with a FAILOVER): "Error running script (call to f_…): @user_script:76:
+            # @user_script: 76: -READONLY You can't write…". The script wrote nothing: the fault met its first write.
+            text = text.rsplit(": -", 1)[-1]
         return text.split(" ", 1)[0] in _TRANSIENT_CODES
     return False
 

@@ -16,6 +16,7 @@ from worker.batch_worker import BatchWorker
 from worker.frames import make_frame
 from worker.jobs import FrameQueue, enqueue_frames
 from worker.model_source import load_engine
+from worker.runtime import resolve_claim_ahead
 from worker.settings import Settings
 
 
@@ -62,7 +63,46 @@ def test_a_busy_worker_leaves_new_frames_to_idle_ones_and_takes_only_queued_fram
     assert always._wait_for_turn(queue) is False  # the old way: straight to the queue
 
 
-@pytest.mark.parametrize("claim_ahead", ["backlog", "always"])
+def test_with_claim_ahead_off_a_busy_worker_leaves_even_queued_frames_to_whoever_is_free_first(redis_conn,
+                                                                                               monkeypatch):
+    worker = _worker(redis_conn, monkeypatch, "off")
+    queue = worker.queues[0]
+    worker._forward_free.clear()
+    _send(queue, 2)
+    thread, out = _in_thread(lambda: worker._wait_for_turn(queue))
+    thread.join(timeout=0.3)
+    assert thread.is_alive(), "a busy worker must not claim ahead with VQ_CLAIM_AHEAD=off"
+    assert redis_conn.llen(queue.key) == 2
+    worker._forward_free.set()
+    wait_for(lambda: not thread.is_alive(), timeout=10, what="the worker to see its forward pass end")
+    assert out["value"] is False  # now it blocks on the queue as an idle worker does
+
+
+def test_with_claim_ahead_full_a_busy_worker_claims_ahead_only_a_full_batch(redis_conn, monkeypatch):
+    worker = _worker(redis_conn, monkeypatch, "full", VQ_MAX_BATCH="3")
+    queue = worker.queues[0]
+    worker._forward_free.clear()
+    _send(queue, 2)
+    thread, out = _in_thread(lambda: worker._wait_for_turn(queue))
+    thread.join(timeout=0.3)
+    assert thread.is_alive(), "fewer frames than a batch are left to whichever worker is free first"
+    _send(queue, 1, first=2)
+    wait_for(lambda: not thread.is_alive(), timeout=10, what="the busy worker to see a full batch queued")
+    assert out["value"] is True
+    worker._forward_free.set()
+
+
+def test_auto_claims_ahead_on_cuda_only_and_the_worker_starts_with_the_cpu_choice(redis_conn, monkeypatch):
+    assert resolve_claim_ahead("auto", "cuda:0") == "backlog"
+    assert resolve_claim_ahead("auto", "cpu") == "off"
+    policies = ("off", "full", "backlog", "always")
+    assert [resolve_claim_ahead(p, "cuda") for p in policies] == list(policies)
+    monkeypatch.delenv("VQ_CLAIM_AHEAD", raising=False)
+    assert Settings.from_env().claim_ahead == "auto"
+    assert BatchWorker(["inference"], connection=redis_conn, name="ahead-auto")._claim_ahead == "off"
+
+
+@pytest.mark.parametrize("claim_ahead", ["backlog", "full", "always", "off"])
 def test_a_batch_gathers_frames_while_the_forward_pass_is_busy(tmp_path, redis_conn, monkeypatch, claim_ahead):
     worker = _worker(redis_conn, monkeypatch, claim_ahead, VQ_MAX_WAIT_MS="0")
     worker._overlap = True  # as bootstrap sets it with VQ_OVERLAP_DECODE=on
@@ -75,7 +115,7 @@ def test_a_batch_gathers_frames_while_the_forward_pass_is_busy(tmp_path, redis_c
         batch = worker._first_claims(queue, None)
         assert batch is not None and len(batch.tasks) == 2
         thread, _ = _in_thread(lambda: worker._collect(batch))
-        if claim_ahead == "always":  # VQ_MAX_WAIT_MS=0: the batch goes as it is
+        if claim_ahead in ("always", "off"):  # VQ_MAX_WAIT_MS=0: the batch goes as it is
             wait_for(lambda: not thread.is_alive(), timeout=10, what="the batch to be handed on")
             assert len(batch.tasks) == 2
             return

@@ -162,6 +162,24 @@ def test_engine_with_device_decode_serves_mixed_batches(tmp_path):
     cpu.close()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_cpu_pool_decodes_a_share_per_thread_and_a_bad_image_fails_alone(tmp_path, threads):
+    engine = InferenceEngine(load_for_serving(tiny_artifact(tmp_path / "m"), "cpu"), max_batch=8,
+                             decode_threads=threads)
+    frames = [jpeg(48, 40, seed=i) for i in range(7)]
+    frames[3], frames[4] = frames[3][:100], _bomb()  # truncated, and over VQ_MAX_PIXELS
+    slots = engine.submit_decode(frames)
+    assert len(slots) == 7 and len({id(s._chunk) for s in slots}) == threads
+    for i, slot in enumerate(slots):
+        if i in (3, 4):
+            with pytest.raises(FrameError):
+                slot.result(timeout=30)
+        else:
+            np.testing.assert_array_equal(slot.result(timeout=30), decode_image(frames[i], (32, 32)))
+    assert engine.submit_decode([]) == []
+    engine.close()
+
+
 def test_an_unusable_device_decoder_is_switched_off_at_warm_up(tmp_path):
     engine = InferenceEngine(load_for_serving(tiny_artifact(tmp_path / "m"), "cpu"), max_batch=4,
                              decode_threads=1, jpeg_decoder=BrokenDecoder())

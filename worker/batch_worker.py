@@ -68,7 +68,7 @@ from .outcomes import Failure, FailureKind, FrameTask, Success, judge
 from .recovery import IntermediateWatch, recover_abandoned
 from .redis_health import RedisHealth, RedisOutageError, is_transient, with_timeouts
 from .results import build_result, failure_fields, stream_fields
-from .runtime import InferenceEngine
+from .runtime import InferenceEngine, resolve_claim_ahead
 from .sample_feed import SampleFeed, SamplingConfig
 from .serializer import MsgpackSerializer
 from .settings import Settings
@@ -148,6 +148,8 @@ class BatchWorker(SimpleWorker):
         self.samples: SampleFeed | None = None
         self.engine: InferenceEngine | None = None
         self._overlap = False
+        # Until bootstrap knows the engine's device (the tests drive these methods without one)
+        self._claim_ahead = resolve_claim_ahead(self.settings.claim_ahead, "cpu")
         self._watcher: ModelWatcher | None = None
         self._shadow: ShadowRunner | None = None
         self._intermediate = IntermediateWatch(self.settings.heartbeat_ttl)
@@ -250,6 +252,7 @@ class BatchWorker(SimpleWorker):
         self.engine = self._redis(lambda: load_engine(self.settings, self.connection))
         # Measured on 2 CPU cores (resnet18 int8 @224): overlapped 188 frames/s, sequential 178.
         self._overlap = self.settings.overlap_decode == "on"
+        self._claim_ahead = resolve_claim_ahead(self.settings.claim_ahead, self.engine.device)
         self.metrics.set_model(self.engine.version, self.engine.precision)
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
@@ -266,7 +269,8 @@ class BatchWorker(SimpleWorker):
                                          shadow=self._shadow)
             self._watcher.serving_input_size = tuple(self.engine.input_size)
             self._watcher.start()
-        log.info("batch worker ready", worker=self.name, queues=self.queue_names(), **self.settings.describe())
+        log.info("batch worker ready", worker=self.name, queues=self.queue_names(),
+                 **{**self.settings.describe(), "claim_ahead": self._claim_ahead})
 
     def _shadow_runner(self) -> ShadowRunner | None:
         """The shadow thread, unless VQ_SHADOW_SHARE=0 keeps this worker out of shadow runs."""
@@ -389,15 +393,17 @@ class BatchWorker(SimpleWorker):
 
         Blocking on the queue while the forward pass is busy would win a new frame from a worker that
         is idle (Redis serves blocked clients first come, first served) and make it wait a whole
-        forward pass. A frame still in the queue has no idle worker to go to: claiming it ahead lets
-        its decode overlap the forward pass, which is what keeps a saturated worker's model busy.
+        forward pass. A frame still in the queue has no idle worker to go to: claiming it ahead
+        (`backlog`) lets its decode overlap the forward pass, which is what keeps a GPU busy. With `off`
+        the frame stays queued for whichever worker is free first.
         """
-        if self.settings.claim_ahead == "always":
+        if self._claim_ahead == "always":
             return False
         while not self._forward_free.is_set():
             if self._stop_requested or self._fatal is not None:
                 return False
-            if self._redis(lambda: self.connection.llen(queue.key)):
+            if self._claim_ahead != "off" and self._redis(lambda: self.connection.llen(queue.key)) >= (
+                    self.settings.max_batch if self._claim_ahead == "full" else 1):
                 return True
             self._forward_free.wait(AHEAD_POLL_S)
         return False
@@ -437,11 +443,10 @@ class BatchWorker(SimpleWorker):
         self._handoff.put(batch)
 
     def _collect(self, batch: Batch) -> None:
-        """More frames without blocking, until max_batch: for as long as the forward pass is busy (the
-        batch could not run sooner, so a bigger one costs no frame any latency), then for at most
-        max_wait_ms."""
+        """More frames without blocking, until max_batch: with `backlog`, for as long as the forward pass
+        is busy (this batch could not run sooner), then for at most max_wait_ms."""
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
-        gather = self.settings.claim_ahead == "backlog"
+        gather = self._claim_ahead in ("backlog", "full")
         while len(batch.tasks) < self.settings.max_batch and not self._stop_requested:
             if self._take(batch, [], self.settings.max_batch - len(batch.tasks)):
                 continue

@@ -15,10 +15,9 @@ the results stream, `vq_frames_total{outcome}`):
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from .frames import FrameError, frame_deadline, validate_frame
 from .jobs import JOB_FUNC, FrameJob
@@ -59,6 +58,12 @@ class Failure:
 Outcome = Success | Failure
 
 
+class Decoding(Protocol):
+    """A frame's decode under way (a Future, or a runtime.DecodeSlot): the image, or its decode's error."""
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
 @dataclass
 class FrameTask:
     """One frame of a batch, from claim to record."""
@@ -67,7 +72,7 @@ class FrameTask:
     execution_id: str = ""  # the RQ execution that holds its lease
     frame: dict[str, Any] | None = None  # set when the frame may run
     outcome: Outcome | None = None
-    decode: Future | None = None
+    decode: Decoding | None = None
 
 
 def judge(job: FrameJob, wall: float) -> dict[str, Any] | Failure:

@@ -54,6 +54,20 @@ def resolve_decode_device(decode_device: str, device: str) -> str:
     return device
 
 
+def resolve_claim_ahead(policy: str, device: str) -> str:
+    """When a worker whose forward pass is busy takes its next batch (VQ_CLAIM_AHEAD).
+
+    `auto`: `backlog` where the model runs on CUDA, where decoding the next batch on the CPU while the
+    GPU runs this one is what keeps the GPU busy; `off` on the CPU, where the decode and the forward pass
+    share the cores, so claiming ahead gains nothing and parks a frame behind this worker's forward pass
+    when another worker may be free sooner (2 workers on 2 cores, 70 % load: p99 79-141 ms with `off`
+    against 109-400 ms with `backlog`, throughput within 1 %; README, Benchmark).
+    """
+    if policy != "auto":
+        return policy
+    return "backlog" if device.startswith("cuda") else "off"
+
+
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """torch.compile for a fixed set of batch sizes (the runtime pads to them and warms each one)."""
     if mode == "off":
@@ -98,6 +112,34 @@ def defect_rule(manifest: dict[str, Any], class_names: list[str]) -> tuple[int, 
     return class_names.index(good), float(t)
 
 
+class DecodeSlot:
+    """One image of a chunk that one pool task decodes: `result()` as a Future's, without a Future per
+    image. A Future (with its Condition and lock) per frame was the largest Python cost of a claim at
+    small frames (`py-spy record --gil` over `deploy.bench --plumbing`: 37 % of the worker's GIL time)."""
+
+    __slots__ = ("_chunk", "_index")
+
+    def __init__(self, chunk: Future, index: int) -> None:
+        self._chunk, self._index = chunk, index
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = self._chunk.result(timeout)[self._index]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+def _decode_each(images: list[bytes], size: tuple[int, int]) -> list[Any]:
+    """Each image decoded, or what its decode raised: one bad image fails only its own frame."""
+    out: list[Any] = []
+    for data in images:
+        try:
+            out.append(decode_image(data, size))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
 class InferenceEngine:
     """A loaded model plus the decode pool that feeds it."""
 
@@ -124,6 +166,7 @@ class InferenceEngine:
         self.max_batch = max_batch
         self.pad_sizes = [s for s in PAD_SIZES if s < max_batch] + [max_batch]
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="vq-decode")
+        self._decode_threads = decode_threads
         if jpeg_decoder is None and decode_device != "cpu":
             jpeg_decoder = TorchvisionJpegDecoder(decode_device)
         self._device_decode = (DeviceDecodePool(jpeg_decoder, self.input_size, self._pool)
@@ -156,12 +199,19 @@ class InferenceEngine:
         self._pool.shutdown(wait=wait)
 
     # -- decode -------------------------------------------------------------------------------
-    def submit_decode(self, images: list[bytes]) -> list[Future]:
-        """Start decoding; each future yields an RGB HWC uint8 array (CPU pool), a `DeviceImage` (JPEG
-        decoded on the device), or raises FrameError for that image alone."""
+    def submit_decode(self, images: list[bytes]) -> list[Future | DecodeSlot]:
+        """Start decoding; each handle's `result()` is an RGB HWC uint8 array (CPU pool), a `DeviceImage`
+        (JPEG decoded on the device), or raises FrameError for that image alone. The CPU pool gets one
+        task per thread, each decoding its share of the images in turn."""
         if self._device_decode is not None:
             return self._device_decode.submit(images)
-        return [self._pool.submit(decode_image, data, self.input_size) for data in images]
+        per = max(1, -(-len(images) // self._decode_threads))
+        slots: list[Future | DecodeSlot] = []
+        for start in range(0, len(images), per):
+            chunk = images[start:start + per]
+            task = self._pool.submit(_decode_each, chunk, self.input_size)
+            slots += [DecodeSlot(task, i) for i in range(len(chunk))]
+        return slots
 
     def decode(self, images: list[bytes]) -> list[Any]:
         out: list[Any] = []

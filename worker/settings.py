@@ -104,10 +104,12 @@ def _rows() -> tuple[Row, ...]:
             "glibc: keep the memory a forward pass frees for the next one (`mallopt`) rather than return it "
             "to the kernel and fault it in again; the worker keeps its peak heap resident (worker/malloc.py)",
             choices=("on", "off")),
-        Row(W, "claim_ahead", "VQ_CLAIM_AHEAD", "choice", "backlog",
-            "when a worker whose forward pass is busy takes its next batch: `backlog`, only frames already "
-            "queued (a new frame goes to an idle worker first); `always`, block on the queue at once",
-            choices=("backlog", "always")),
+        Row(W, "claim_ahead", "VQ_CLAIM_AHEAD", "choice", "auto",
+            "when a worker whose forward pass is busy takes its next batch: `off`, not until the forward pass "
+            "is free; `backlog`, only frames already queued (a new frame goes to an idle worker first), so their "
+            "decode overlaps the forward pass; `always`, block on the queue at once; `auto`: `backlog` with the "
+            "model on CUDA, `off` on the CPU (worker/runtime.py)",
+            choices=("auto", "off", "full", "backlog", "always")),
         Row(W, "decode_device", "VQ_DECODE_DEVICE", "choice", "auto",
             "where JPEGs are decoded: `cuda` batches them through nvJPEG and resizes there (PNG and what nvJPEG "
             "refuses go to the decode threads); `auto`: on the model's device when that is CUDA",

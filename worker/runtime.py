@@ -60,8 +60,9 @@ def resolve_claim_ahead(policy: str, device: str) -> str:
     `auto`: `backlog` where the model runs on CUDA, where decoding the next batch on the CPU while the
     GPU runs this one is what keeps the GPU busy; `off` on the CPU, where the decode and the forward pass
     share the cores, so claiming ahead gains nothing and parks a frame behind this worker's forward pass
-    when another worker may be free sooner (2 workers on 2 cores, 70 % load: p99 79-141 ms with `off`
-    against 109-400 ms with `backlog`, throughput within 1 %; README, Benchmark).
+    when another worker may be free sooner (2 workers on 2 cores, 70 % load: p99 67-141 ms with `off`
+    against 109-400 ms with `backlog`, for 2 % of the saturated throughput; README, Benchmark). `full`
+    claims ahead only once a whole batch is queued: the throughput of `backlog`, less of its tail.
     """
     if policy != "auto":
         return policy

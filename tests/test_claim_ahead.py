@@ -92,14 +92,14 @@ def test_with_claim_ahead_full_a_busy_worker_claims_ahead_only_a_full_batch(redi
     worker._forward_free.set()
 
 
-def test_auto_claims_ahead_on_cuda_only_and_the_worker_starts_with_the_cpu_choice(redis_conn, monkeypatch):
+def test_auto_claims_ahead_what_is_queued_on_cuda_and_only_a_full_batch_on_the_cpu(redis_conn, monkeypatch):
     assert resolve_claim_ahead("auto", "cuda:0") == "backlog"
-    assert resolve_claim_ahead("auto", "cpu") == "off"
+    assert resolve_claim_ahead("auto", "cpu") == "full"
     policies = ("off", "full", "backlog", "always")
     assert [resolve_claim_ahead(p, "cuda") for p in policies] == list(policies)
     monkeypatch.delenv("VQ_CLAIM_AHEAD", raising=False)
     assert Settings.from_env().claim_ahead == "auto"
-    assert BatchWorker(["inference"], connection=redis_conn, name="ahead-auto")._claim_ahead == "off"
+    assert BatchWorker(["inference"], connection=redis_conn, name="ahead-auto")._claim_ahead == "full"
 
 
 @pytest.mark.parametrize("claim_ahead", ["backlog", "full", "always", "off"])

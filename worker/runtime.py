@@ -58,15 +58,16 @@ def resolve_claim_ahead(policy: str, device: str) -> str:
     """When a worker whose forward pass is busy takes its next batch (VQ_CLAIM_AHEAD).
 
     `auto`: `backlog` where the model runs on CUDA, where decoding the next batch on the CPU while the
-    GPU runs this one is what keeps the GPU busy; `off` on the CPU, where the decode and the forward pass
-    share the cores, so claiming ahead gains nothing and parks a frame behind this worker's forward pass
-    when another worker may be free sooner (2 workers on 2 cores, 70 % load: p99 67-141 ms with `off`
-    against 109-400 ms with `backlog`, for 2 % of the saturated throughput; README, Benchmark). `full`
-    claims ahead only once a whole batch is queued: the throughput of `backlog`, less of its tail.
+    GPU runs this one is what keeps the GPU busy. `full` on the CPU, where the decode and the forward
+    pass share the cores: claiming ahead whatever is queued parks frames behind this worker's forward
+    pass when another worker may be free sooner, so it claims ahead only once a whole batch waits
+    (saturation, where every worker is busy anyway). 2 workers on 2 cores, 70 % load, interleaved:
+    p99 96-147 ms with `full` against 109-400 with `backlog`, at the same throughput; `off` (never
+    ahead) 67-141 ms, for 2 % of the throughput (README, Benchmark).
     """
     if policy != "auto":
         return policy
-    return "backlog" if device.startswith("cuda") else "off"
+    return "backlog" if device.startswith("cuda") else "full"
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:

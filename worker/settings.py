@@ -107,8 +107,8 @@ def _rows() -> tuple[Row, ...]:
         Row(W, "claim_ahead", "VQ_CLAIM_AHEAD", "choice", "auto",
             "when a worker whose forward pass is busy takes its next batch: `off`, not until the forward pass "
             "is free; `backlog`, only frames already queued (a new frame goes to an idle worker first), so their "
-            "decode overlaps the forward pass; `always`, block on the queue at once; `auto`: `backlog` with the "
-            "model on CUDA, `off` on the CPU (worker/runtime.py)",
+            "decode overlaps the forward pass; `full`, only once a whole batch is queued; `always`, block on the "
+            "queue at once; `auto`: `backlog` with the model on CUDA, `full` on the CPU (worker/runtime.py)",
             choices=("auto", "off", "full", "backlog", "always")),
         Row(W, "decode_device", "VQ_DECODE_DEVICE", "choice", "auto",
             "where JPEGs are decoded: `cuda` batches them through nvJPEG and resizes there (PNG and what nvJPEG "

@@ -314,8 +314,9 @@ class RedisFaults:
     def _clear_the_way(self, target: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target)
-        if self._set_aside(target).exists():
-            self._set_aside(target).rename(target)
+        kept = self._set_aside(target)
+        if kept.exists():
+            kept.rename(target)
 
     def disk_full_window(self, seconds: float, timeout: float = 60.0) -> FaultRecord:
         with self.disk_full(timeout) as record:

@@ -38,15 +38,21 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
     return thread, out
 
 
+def _busy_and_waiting(worker: BatchWorker, why: str) -> tuple[threading.Thread, dict]:
+    """With a batch in the forward pass, `_wait_for_turn` in a thread, checked to be still waiting."""
+    worker._forward_free.clear()
+    thread, out = _in_thread(lambda: worker._wait_for_turn(worker.queues[0]))
+    thread.join(timeout=0.3)
+    assert thread.is_alive(), why
+    return thread, out
+
+
 def test_a_busy_worker_leaves_new_frames_to_idle_ones_and_takes_only_queued_frames(redis_conn, monkeypatch):
     worker = _worker(redis_conn, monkeypatch, "backlog")
     queue = worker.queues[0]
     assert worker._wait_for_turn(queue) is False  # forward pass free: block on the queue as usual
 
-    worker._forward_free.clear()  # a batch is in the forward pass
-    thread, out = _in_thread(lambda: worker._wait_for_turn(queue))
-    thread.join(timeout=0.3)
-    assert thread.is_alive(), "a busy worker must not go for the queue while it is empty"
+    thread, out = _busy_and_waiting(worker, "a busy worker must not go for the queue while it is empty")
     _send(queue, 1)  # nobody is blocked on the queue, so the frame stays there
     wait_for(lambda: not thread.is_alive(), timeout=10, what="the busy worker to see the queued frame")
     assert out["value"] is True  # claim ahead, without blocking
@@ -67,11 +73,8 @@ def test_with_claim_ahead_off_a_busy_worker_leaves_even_queued_frames_to_whoever
                                                                                                monkeypatch):
     worker = _worker(redis_conn, monkeypatch, "off")
     queue = worker.queues[0]
-    worker._forward_free.clear()
     _send(queue, 2)
-    thread, out = _in_thread(lambda: worker._wait_for_turn(queue))
-    thread.join(timeout=0.3)
-    assert thread.is_alive(), "a busy worker must not claim ahead with VQ_CLAIM_AHEAD=off"
+    thread, out = _busy_and_waiting(worker, "a busy worker must not claim ahead with VQ_CLAIM_AHEAD=off")
     assert redis_conn.llen(queue.key) == 2
     worker._forward_free.set()
     wait_for(lambda: not thread.is_alive(), timeout=10, what="the worker to see its forward pass end")
@@ -81,11 +84,8 @@ def test_with_claim_ahead_off_a_busy_worker_leaves_even_queued_frames_to_whoever
 def test_with_claim_ahead_full_a_busy_worker_claims_ahead_only_a_full_batch(redis_conn, monkeypatch):
     worker = _worker(redis_conn, monkeypatch, "full", VQ_MAX_BATCH="3")
     queue = worker.queues[0]
-    worker._forward_free.clear()
     _send(queue, 2)
-    thread, out = _in_thread(lambda: worker._wait_for_turn(queue))
-    thread.join(timeout=0.3)
-    assert thread.is_alive(), "fewer frames than a batch are left to whichever worker is free first"
+    thread, out = _busy_and_waiting(worker, "fewer frames than a batch are left to whichever worker is free first")
     _send(queue, 1, first=2)
     wait_for(lambda: not thread.is_alive(), timeout=10, what="the busy worker to see a full batch queued")
     assert out["value"] is True

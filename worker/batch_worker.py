@@ -394,16 +394,17 @@ class BatchWorker(SimpleWorker):
         Blocking on the queue while the forward pass is busy would win a new frame from a worker that
         is idle (Redis serves blocked clients first come, first served) and make it wait a whole
         forward pass. A frame still in the queue has no idle worker to go to: claiming it ahead
-        (`backlog`) lets its decode overlap the forward pass, which is what keeps a GPU busy. With `off`
-        the frame stays queued for whichever worker is free first.
+        (`backlog`) lets its decode overlap the forward pass, which is what keeps a GPU busy. `full`
+        claims ahead only once a whole batch is queued; with `off` frames stay queued for whichever
+        worker is free first.
         """
         if self._claim_ahead == "always":
             return False
+        enough = {"backlog": 1, "full": self.settings.max_batch}.get(self._claim_ahead)  # None: never ahead
         while not self._forward_free.is_set():
             if self._stop_requested or self._fatal is not None:
                 return False
-            if self._claim_ahead != "off" and self._redis(lambda: self.connection.llen(queue.key)) >= (
-                    self.settings.max_batch if self._claim_ahead == "full" else 1):
+            if enough and self._redis(lambda: self.connection.llen(queue.key)) >= enough:
                 return True
             self._forward_free.wait(AHEAD_POLL_S)
         return False
@@ -443,8 +444,8 @@ class BatchWorker(SimpleWorker):
         self._handoff.put(batch)
 
     def _collect(self, batch: Batch) -> None:
-        """More frames without blocking, until max_batch: with `backlog`, for as long as the forward pass
-        is busy (this batch could not run sooner), then for at most max_wait_ms."""
+        """More frames without blocking, until max_batch: when it claims ahead (`backlog`, `full`), for as
+        long as the forward pass is busy (this batch could not run sooner), then for at most max_wait_ms."""
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
         gather = self._claim_ahead in ("backlog", "full")
         while len(batch.tasks) < self.settings.max_batch and not self._stop_requested:

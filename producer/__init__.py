@@ -5,6 +5,18 @@ Light by design: it imports `worker`'s contract modules (frames, jobs, serialize
 structlog, and OpenCV only when encoding or capturing — never torch.
 """
 
-from .api import BacklogFull, Outcome, Producer
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BacklogFull", "Outcome", "Producer"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `python -m producer` imports this package first, and a bad VQ_MAX_* limit (read when the
+    # frame contract loads) must reach the command line's clean error, not a traceback from here.
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'producer' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError, WatchError
 
-from worker.frames import make_frame
+from worker.frames import check_deadline, check_station, make_frame
 from worker.jobs import QUEUE_NAME, RESULT_TTL, FrameJob, FrameQueue, enqueue_frames
 from worker.redis_health import RedisHealth, RedisOutageError, is_transient
 from worker.shards import ShardMap
@@ -80,10 +80,19 @@ class Producer:
         max_outage_s: float | None = None,
         wait_for_redis: bool = True,
     ) -> None:
-        if deadline_s is not None and deadline_s <= 0:
-            raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+        # Checked once here, not per frame: a bad station or deadline would fail every frame it sends.
+        check_station(station)
+        if deadline_s is not None:
+            deadline_s = check_deadline(deadline_s)
         if max_outage_s is not None and not max_outage_s > 0:
             raise ValueError(f"max_outage_s must be positive, got {max_outage_s}")
+        if isinstance(result_ttl, bool) or not isinstance(result_ttl, int) or not (result_ttl > 0 or result_ttl == -1):
+            raise ValueError(f"result_ttl must be a positive whole number of seconds (-1: keep), got {result_ttl!r}")
+        if not isinstance(queue_name, str) or not queue_name:
+            raise ValueError(f"queue_name must be a non-empty string, got {queue_name!r}")
+        if max_pending is not None and (isinstance(max_pending, bool) or not isinstance(max_pending, int)
+                                        or max_pending < 1):
+            raise ValueError(f"max_pending must be a whole number ≥ 1 (None: no bound), got {max_pending!r}")
         self._owns_connection = not isinstance(redis, Redis)
         self.connection = connect(redis, station=station)
         self.station = station
@@ -150,6 +159,7 @@ class Producer:
     def _submit_once(self, frames: Sequence[dict[str, Any]]) -> list[str]:
         if self._inflight is not None and not self._inflight.has_room(len(frames)):
             raise BacklogFull(
+                f"{len(frames)} more frame{'s' if len(frames) != 1 else ''} would not fit: "
                 f"{len(self._inflight)} frames of station {self.station!r} are still pending "
                 f"(max_pending={self._inflight.limit})"
             )
@@ -209,7 +219,7 @@ class Producer:
         wait_for_redis: bool | None = None,
     ) -> str:
         """Send one encoded JPEG or PNG image; the job id (= frame id)."""
-        frame = self.make_frame(data, seq=seq, meta=meta, ts=ts)
+        frame = self.make_frame(_image_bytes(data, "submit_bytes"), seq=seq, meta=meta, ts=ts)
         return self.submit_frames([frame], wait_for_redis=wait_for_redis)[0]
 
     def submit_array(
@@ -230,9 +240,14 @@ class Producer:
         self, images: Iterable[Any], *, meta: dict[str, Any] | None = None, jpeg_quality: int = 90
     ) -> list[str]:
         """Send several images (bytes or BGR arrays) in one round trip; their job ids, in order."""
+        if isinstance(images, bytes | bytearray | memoryview | str):
+            raise TypeError(f"submit_many takes a list of images, got one {type(images).__name__}: "
+                            "use submit_bytes for a single image")
         frames = [
             self.make_frame(
-                image if isinstance(image, bytes | bytearray) else encode_jpeg(image, jpeg_quality), meta=meta
+                _image_bytes(image, "submit_many") if isinstance(image, bytes | bytearray | memoryview | str)
+                else encode_jpeg(image, jpeg_quality),
+                meta=meta,
             )
             for image in images
         ]
@@ -255,8 +270,11 @@ class Producer:
 
     # -- results -----------------------------------------------------------------------------------
 
-    def wait(self, job_ids: Iterable[str], timeout: float | None = 60.0, interval: float = 0.05) -> Iterator[Outcome]:
-        """Yield one `Outcome` per job id as results arrive; "timeout" outcomes for the rest.
+    def wait(
+        self, job_ids: str | Iterable[str], timeout: float | None = 60.0, interval: float = 0.05
+    ) -> Iterator[Outcome]:
+        """Yield one `Outcome` per job id (or for the one id given) as results arrive; "timeout" outcomes
+        for the rest.
 
         Each outcome has `ok`, `result` (the worker's dict: label, confidence, topk,
         model_version, timings, …), or `status` and `error` (the worker's traceback for a
@@ -264,7 +282,8 @@ class Producer:
         A Redis outage is waited out like in `submit_frames` (RedisOutageError past the limit);
         `timeout` still bounds the whole wait.
         """
-        return wait_for_results(self.connection, job_ids, timeout=timeout, interval=interval, health=self.health)
+        return wait_for_results(self.connection, job_ids, timeout=timeout, interval=interval,
+                                health=self.health)
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -277,3 +296,16 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _image_bytes(data: Any, caller: str) -> bytes:
+    """Encoded image bytes from bytes-like `data`; a TypeError that says what to do with anything else."""
+    if isinstance(data, str):
+        raise TypeError(f"{caller} takes the image's bytes, got a str: to send a file, read it first "
+                        "(producer.images.read_image_file(path), or open(path, 'rb').read())")
+    if isinstance(data, memoryview | bytearray):
+        return bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"{caller} takes encoded JPEG or PNG bytes, got {type(data).__name__}: "
+                        "send an image array with submit_array")
+    return data

@@ -14,6 +14,7 @@ jittered backoff, and logs once when Redis goes away and once when it is back.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -74,7 +75,8 @@ def open_capture(source: Source) -> Any | None:
 
 
 class CameraStreamer:
-    """The capture loop; `run()` returns the exit status (0 done, 1 gave up reconnecting)."""
+    """The capture loop; `run()` returns the exit status (0 done, 1 gave up reconnecting, 2 a video file
+    that cannot be opened: it does not come back by waiting, unlike a live source)."""
 
     def __init__(
         self,
@@ -116,6 +118,13 @@ class CameraStreamer:
                     break
                 if capture is None:
                     capture = self.opener(self.options.source)
+                    if capture is None and not self.live:
+                        # A file does not come back by waiting: a typo, or not a video OpenCV can read.
+                        why = "no such file" if not os.path.exists(self.options.source) else "OpenCV cannot read it"
+                        self._log.error("camera.cannot_open", reason=why)
+                        status = 2 if self.counters["captured"] == 0 else 1
+                        reason = "cannot_open"
+                        break
                     if capture is None:
                         if not self._wait_before_retry("could not open the source"):
                             status, reason = (0, "stopped") if self.stop.is_set() else (1, "gave_up")

@@ -27,19 +27,56 @@ Redis faults (restart, refused connection, READONLY, OOM, LOADING, a pause) are 
 backoff for up to VQ_REDIS_OUTAGE_S seconds (default 120) by files and watch; a camera drops and
 counts frames while Redis is away and never gives up on it.
 Exit status: 0 success; 1 some frames failed or were not sent, or the camera gave up
-reconnecting; 2 bad arguments, a bad setting or nothing to do; 3 Redis unavailable past the limit.
+reconnecting; 2 bad arguments, a bad setting, nothing to do, or a video file that cannot be opened;
+3 Redis unavailable past the limit, or its credentials refused.
 """
 
 
-def _positive(kind: type) -> object:
+def _positive(kind: type, most: float = math.inf) -> object:
+    """A parser of a positive, finite number up to `most` (nan, inf and 1e999 would stall or overflow a wait)."""
+
     def parse(text: str) -> object:
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+DAY_S = 86_400.0
+_seconds = _positive(float, DAY_S)
+
+
+def _fps(text: str) -> float:
+    value = _positive(float)(text)
+    if value < 1 / DAY_S:  # slower than a frame a day is a unit mistake, and 1/fps would overflow a wait
+        raise argparse.ArgumentTypeError(f"must be at least {1 / DAY_S:.3g} (one frame a day), got {text}")
+    return value
+
+
+def _station(text: str) -> str:
+    from worker.frames import FrameError, check_station
+
+    try:
+        return check_station(text)
+    except FrameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _deadline(text: str) -> float:
+    from worker.frames import FrameError, check_deadline
+
+    try:
+        return check_deadline(float(text), "--deadline")
+    except FrameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_fps.__name__, _station.__name__, _deadline.__name__ = "frames per second", "station", "deadline"
 
 
 def _non_negative_int(text: str) -> int:
@@ -81,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "results arrive, and names each failure on stderr.",
     )
     files.add_argument("paths", nargs="+", metavar="PATH")
-    files.add_argument("--station", default="default", help="station name put in each frame (default: default)")
+    files.add_argument("--station", type=_station, default="default",
+                       help="station name put in each frame (default: default)")
     files.add_argument("--wait", action="store_true", help="wait for the results and print them")
-    files.add_argument("--timeout", type=_positive(float), default=60.0,
+    files.add_argument("--timeout", type=_seconds, default=60.0,
                        help="with --wait: seconds to wait for all results (default: 60)")
 
     camera = sub.add_parser(
@@ -95,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "counted; counters are logged every --stats-every seconds and at exit.",
     )
     camera.add_argument("--source", required=True, help="device index (0), device path, stream URL or video file")
-    camera.add_argument("--station", required=True, help="station name put in each frame")
-    camera.add_argument("--fps", type=_positive(float), help="send at most this many frames per second")
+    camera.add_argument("--station", type=_station, required=True, help="station name put in each frame")
+    camera.add_argument("--fps", type=_fps, help="send at most this many frames per second")
     camera.add_argument("--max-frames", type=_positive(int), metavar="N",
                         help="stop after taking N frames from the source (sent or skipped)")
     camera.add_argument("--jpeg-quality", type=_quality, default=90, help="JPEG quality 0..100 (default: 90)")
-    camera.add_argument("--deadline", type=_positive(float), metavar="SEC",
+    camera.add_argument("--deadline", type=_deadline, metavar="SEC",
                         help="workers skip a frame older than this; its job expires from Redis after ceil(SEC)")
     camera.add_argument("--max-pending", type=_positive(int), metavar="N",
                         help="skip frames while N frames of this station are unfinished")
@@ -110,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     camera.add_argument("--loop", action="store_true", help="restart a video file at its end")
     camera.add_argument("--max-reconnects", type=_non_negative_int, metavar="N",
                         help="give up (exit 1) after N failed reopen attempts in a row (default: never)")
-    camera.add_argument("--backoff-initial", type=_positive(float), default=0.5, metavar="SEC",
+    camera.add_argument("--backoff-initial", type=_seconds, default=0.5, metavar="SEC",
                         help="first reconnect delay; doubles per failure (default: 0.5)")
-    camera.add_argument("--backoff-max", type=_positive(float), default=30.0, metavar="SEC",
+    camera.add_argument("--backoff-max", type=_seconds, default=30.0, metavar="SEC",
                         help="longest reconnect delay (default: 30)")
-    camera.add_argument("--stats-every", type=_positive(float), default=10.0, metavar="SEC",
+    camera.add_argument("--stats-every", type=_seconds, default=10.0, metavar="SEC",
                         help="log the counters this often (default: 10)")
 
     watch = sub.add_parser(
@@ -125,12 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "backoff. Non-images go to DIR/.rejected with a log line saying why.",
     )
     watch.add_argument("directory", metavar="DIR")
-    watch.add_argument("--station", default="default", help="station name put in each frame (default: default)")
+    watch.add_argument("--station", type=_station, default="default",
+                       help="station name put in each frame (default: default)")
     watch.add_argument("--done-dir", metavar="D", help="where sent files go (default: DIR/.done)")
     watch.add_argument("--rejected-dir", metavar="D", help="where non-images go (default: DIR/.rejected)")
-    watch.add_argument("--poll", type=_positive(float), default=1.0, metavar="SEC",
+    watch.add_argument("--poll", type=_seconds, default=1.0, metavar="SEC",
                        help="seconds between scans (default: 1)")
-    watch.add_argument("--backoff-max", type=_positive(float), default=30.0, metavar="SEC",
+    watch.add_argument("--backoff-max", type=_seconds, default=30.0, metavar="SEC",
                        help="longest wait between retries while Redis is unreachable (default: 30)")
     return parser
 

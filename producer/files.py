@@ -12,7 +12,7 @@ from worker.redis_health import RedisOutageError
 
 from .api import Producer
 from .images import read_image_file
-from .paths import expand_paths
+from .paths import expand_paths, shown
 from .results import Outcome
 
 CHUNK = 256  # frames per enqueue round trip: bounds memory for big folders
@@ -58,24 +58,24 @@ def send_files(
             outage = exc
             unsent += len(batch)
             for frame in batch:
-                print(f"error: {paths.pop(frame['id'])}: not sent: Redis is unavailable", file=err)
+                print(f"error: {shown(paths.pop(frame['id']))}: not sent: Redis is unavailable", file=err)
         else:
             accepted.extend(ids)
             if not wait:
                 for frame_id in ids:
-                    print(f"{frame_id}\t{paths[frame_id]}", file=out, flush=True)
+                    print(f"{frame_id}\t{shown(paths[frame_id])}", file=out, flush=True)
         batch.clear()
 
     for path in files:
         if outage is not None:  # Redis stayed away past the limit: do not wait again per chunk
             unsent += 1
-            print(f"error: {path}: not sent: Redis is unavailable", file=err)
+            print(f"error: {shown(path)}: not sent: Redis is unavailable", file=err)
             continue
         try:
-            frame = producer.make_frame(read_image_file(path), meta={"filename": path.name})
+            frame = producer.make_frame(read_image_file(path), meta={"filename": shown(path.name)})
         except (FrameError, OSError) as exc:
             rejected += 1
-            print(f"error: {path}: not sent: {_why(exc)}", file=err)
+            print(f"error: {shown(path)}: not sent: {_why(exc)}", file=err)
             continue
         paths[frame["id"]] = path
         batch.append(frame)
@@ -93,13 +93,13 @@ def send_files(
                 print(json.dumps(_result_line(outcome, path)), file=out, flush=True)
                 if not outcome.ok:
                     failed += 1
-                    print(f"error: {path}: {outcome.status}: {outcome.reason}", file=err, flush=True)
+                    print(f"error: {shown(path)}: {outcome.status}: {outcome.reason}", file=err, flush=True)
         except RedisOutageError as exc:
             outage = exc
             for frame_id in accepted:
                 if frame_id not in reported:
                     unknown += 1
-                    line = {"frame_id": frame_id, "path": str(paths[frame_id]), "status": "unknown",
+                    line = {"frame_id": frame_id, "path": shown(paths[frame_id]), "status": "unknown",
                             "error": "accepted, but Redis became unavailable before its outcome could be read"}
                     print(json.dumps(line), file=out, flush=True)
     summary = f"{len(accepted)} frame{'' if len(accepted) == 1 else 's'} sent to queue {producer.queue.name!r}"
@@ -117,12 +117,12 @@ def send_files(
 
 def _result_line(outcome: Outcome, path: Path) -> dict[str, Any]:
     if not outcome.ok:
-        return {"frame_id": outcome.job_id, "path": str(path), "status": outcome.status, "error": outcome.reason}
+        return {"frame_id": outcome.job_id, "path": shown(path), "status": outcome.status, "error": outcome.reason}
     result = outcome.result or {}
     timings = result.get("timings") or {}
     return {
         "frame_id": outcome.job_id,
-        "path": str(path),
+        "path": shown(path),
         "status": outcome.status,
         "label": result.get("label"),
         "confidence": result.get("confidence"),

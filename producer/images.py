@@ -7,6 +7,7 @@ the station with a clear message rather than failing later as a job.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ def check_image(data: bytes) -> str:
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:
     """The file's bytes if it is a JPEG or PNG a worker would take; FrameError otherwise."""
-    size = Path(path).stat().st_size
+    st = Path(path).stat()
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block until someone writes to it
+        raise FrameError("not a regular file")
+    size = st.st_size
     if size > MAX_IMAGE_BYTES:  # refuse before reading a huge file into memory
         raise FrameError(f"file is {size} bytes, over the limit of {MAX_IMAGE_BYTES} bytes (VQ_MAX_IMAGE_BYTES)")
     data = Path(path).read_bytes()

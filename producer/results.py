@@ -28,8 +28,8 @@ TIMEOUT = "timeout"
 _GIVEN_UP = {JobStatus.STOPPED.value: "job was stopped", JobStatus.CANCELED.value: "job was canceled"}
 
 EXPIRED_TEXT = (
-    "job is gone from Redis: its ttl ran out before a worker took it (frame deadline), "
-    "or its result expired before it was read"
+    "job is gone from Redis: its ttl ran out before a worker took it (frame deadline), its result "
+    "expired before it was read, or Redis lost it (a restart without persistence, a flush)"
 )
 
 
@@ -63,7 +63,7 @@ class Outcome:
 
 def wait_for_results(
     connection: Redis,
-    job_ids: Iterable[str],
+    job_ids: str | Iterable[str],
     timeout: float | None = 60.0,
     interval: float = 0.05,
     health: RedisHealth | None = None,
@@ -75,7 +75,7 @@ def wait_for_results(
     transient Redis error (down, restarting, READONLY, OOM, paused) is waited out with its backoff
     instead of raised, up to its outage limit (RedisOutageError) or the timeout.
     """
-    pending = list(dict.fromkeys(job_ids))
+    pending = [job_ids] if isinstance(job_ids, str) else list(dict.fromkeys(job_ids))  # one id, not its letters
     deadline = None if timeout is None else time.monotonic() + timeout
     last_status: dict[str, str] = {}
     while pending:

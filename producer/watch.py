@@ -32,6 +32,7 @@ from worker.redis_health import RedisOutageError, is_transient
 
 from .api import Producer
 from .images import read_image_file
+from .paths import shown
 
 log = structlog.get_logger("producer.watch")
 
@@ -67,6 +68,7 @@ class Watcher:
         self.stop = stop or threading.Event()
         self.counters = {"enqueued": 0, "rejected": 0, "redis_errors": 0}
         self._last_seen: dict[Path, tuple[int, int]] = {}
+        self._empty_noted: set[Path] = set()
         self._log = log.bind(station=producer.station, directory=str(self.directory))
 
     def run(self) -> int:
@@ -74,6 +76,10 @@ class Watcher:
         if not self.directory.is_dir():
             self._log.error("watch.no_directory")
             return 2
+        for role, folder in (("done", self.done_dir), ("rejected", self.rejected_dir)):
+            if folder.resolve() == self.directory.resolve():  # each sent file would come back as a new one
+                self._log.error("watch.folder_is_the_watched_one", role=role, folder=shown(folder))
+                return 2
         self._log.info("watch.started", done_dir=str(self.done_dir), rejected_dir=str(self.rejected_dir))
         status = 0
         while not self.stop.is_set():
@@ -103,6 +109,11 @@ class Watcher:
                 seen[Path(entry.path)] = (st.st_size, st.st_mtime_ns)
         # Empty files count as still being written: writers often create first, fill later.
         ready = [p for p, sig in seen.items() if sig[0] > 0 and self._last_seen.get(p) == sig]
+        for path in seen.keys() - self._empty_noted:
+            if seen[path][0] == 0 and self._last_seen.get(path) == seen[path]:
+                self._empty_noted.add(path)  # once per file: it stays until it has bytes
+                self._log.info("watch.empty_file_waits", file=shown(path.name))
+        self._empty_noted &= seen.keys()
         self._last_seen = seen
         return sorted(ready, key=lambda p: (seen[p][1], p.name))
 
@@ -126,7 +137,8 @@ class Watcher:
                 target = self._move(path, self.done_dir)
                 if target is not None:
                     self.counters["enqueued"] += 1
-                    self._log.info("watch.enqueued", file=path.name, frame_id=frame["id"], moved_to=str(target))
+                    self._log.info("watch.enqueued", file=shown(path.name), frame_id=frame["id"],
+                                   moved_to=shown(target))
         return True
 
     def _frames(self, paths: list[Path]) -> list[tuple[dict[str, Any], Path]]:
@@ -135,21 +147,22 @@ class Watcher:
             try:
                 data = read_image_file(path)
                 frame_id = self._frame_id(path, data)
-                frames.append((self.producer.make_frame(data, frame_id=frame_id, meta={"filename": path.name}), path))
+                meta = {"filename": shown(path.name)}
+                frames.append((self.producer.make_frame(data, frame_id=frame_id, meta=meta), path))
             except FileNotFoundError:  # taken away by someone else: not ours to report
                 self._last_seen.pop(path, None)
             except FrameError as exc:
                 self.counters["rejected"] += 1
                 target = self._move(path, self.rejected_dir)
-                self._log.warning("watch.rejected", file=path.name, reason=str(exc), moved_to=str(target))
+                self._log.warning("watch.rejected", file=shown(path.name), reason=str(exc), moved_to=shown(target))
             except OSError as exc:  # unreadable for now (permissions, a lock): try again next poll
-                self._log.warning("watch.unreadable", file=path.name, error=str(exc))
+                self._log.warning("watch.unreadable", file=shown(path.name), error=str(exc))
         return frames
 
     def _frame_id(self, path: Path, data: bytes) -> str:
         h = hashlib.blake2b(digest_size=16)
         mtime_ns = self._last_seen.get(path, (0, 0))[1]  # as seen by the stability check
-        h.update(f"{self.producer.station}\0{path.name}\0{mtime_ns}\0".encode())
+        h.update(f"{self.producer.station}\0".encode() + os.fsencode(path.name) + f"\0{mtime_ns}\0".encode())
         h.update(data)
         return h.hexdigest()
 
@@ -171,7 +184,7 @@ class Watcher:
                 target = folder / f"{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}"
             shutil.move(path, target)
         except OSError as exc:
-            self._log.error("watch.move_failed", file=path.name, folder=str(folder), error=str(exc))
+            self._log.error("watch.move_failed", file=shown(path.name), folder=str(folder), error=str(exc))
             return None
         self._last_seen.pop(path, None)
         return target

@@ -52,6 +52,37 @@ def test_decompression_bomb_refused_from_header():
         check_pixels(bytes(data))
 
 
+def _scan_bomb(copies: int) -> tuple[bytes, bytes]:
+    """A real progressive JPEG, and the same with one of its later scans (with the tables before it)
+    repeated `copies` times: still a legal image, decoded one pass over every block per scan."""
+    import cv2
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    i, segments, start = 2, [], None
+    while data[i + 1] != 0xD9:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if start is None and marker in (0xC4, 0xDA):
+            start = i
+        if marker != 0xDA:
+            i += 2 + length
+            continue
+        j = i + 2 + length  # the entropy-coded data runs to the next marker that is not a stuffed 0xFF
+        while not (data[j] == 0xFF and data[j + 1] != 0x00 and not 0xD0 <= data[j + 1] <= 0xD7):
+            j += 1
+        segments.append(data[start:j])
+        start, i = None, j
+    return data, data[:-2] + segments[-1] * copies + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_scan_bomb_is_refused_from_its_markers():
+    real, bomb = _scan_bomb(600)
+    assert check_pixels(real) == (64, 64)  # a real progressive JPEG (about ten scans) passes
+    with pytest.raises(FrameError, match="scans, over the limit of 500"):
+        check_pixels(bomb)
+
+
 def test_truncated_jpeg_header():
     with pytest.raises(FrameError, match="truncated"):
         image_size(jpeg()[:20])

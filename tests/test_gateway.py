@@ -512,3 +512,51 @@ def test_cli_requires_a_key_and_reads_a_key_file(tmp_path) -> None:
         assert parse_args(["--api-key", "flag"]).keys == ["flag", "from-env"]
         assert parse_args(["--insecure-no-auth"]).keys == ["from-env"]
     assert env is not None
+
+
+def test_uploads_without_a_length_hold_what_arrived_not_the_largest_body(redis_url: str) -> None:
+    image = jpeg(seed=2)
+    # Room for one largest body (4 MiB + the form) and 64 KiB more: enough for many small uploads.
+    largest = 4 * 1024 * 1024
+    app = create_app(redis_url, api_key=API_KEY, max_inflight_bytes=largest + 128 * 1024, max_upload_bytes=largest)
+    form = upload(image)
+    body, content_type = _multipart(form)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: sent as chunks
+        yield body[:100]
+        yield body[100:]
+
+    with Gateway(app) as gateway, httpx.Client(base_url=gateway.url, timeout=30) as c:
+        for _ in range(20):  # each held the largest body while read: past ~15 in flight, all were refused
+            r = c.post("/v1/jobs", content=chunked(), headers={"X-API-Key": API_KEY, "Content-Type": content_type})
+            assert r.status_code == 202, r.text
+    budget = app.state.policy.budget
+    assert budget.reading == 0 and budget.in_flight == 20 * len(image)  # what is held is what arrived
+
+
+def _multipart(form: dict) -> tuple[bytes, str]:
+    request = httpx.Request("POST", "http://x/", **form)
+    return request.read(), request.headers["content-type"]
+
+
+@pytest.mark.parametrize(("args", "message", "code"), [
+    (["--shard", "1"], "--shard 1 is given but no shard map is", 2),
+    (["--shard", "1", "--redis-url", "redis://localhost:1/0"], "--shard picks a shard of a shard map", 2),
+    (["--max-upload-bytes", str(10**9), "--max-inflight-bytes", str(2 * 10**9)],
+     "--max-upload-bytes must be at most VQ_MAX_IMAGE_BYTES", 2),
+    (["--redis-url", "http://localhost:1/0"], "is not a redis://, rediss:// or unix:// URL", 2),
+])
+def test_cli_refuses_settings_that_cannot_work_in_one_line(args: list[str], message: str, code: int,
+                                                           subprocess_env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "deploy.gateway", "--api-key", "k", *args], env=subprocess_env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_refuses_credentials_redis_refuses(subprocess_env: dict[str, str]) -> None:
+    with RedisServer(extra_args=["--requirepass", "right"]) as server:
+        url = server.url.replace("redis://", "redis://:wrong@")
+        done = subprocess.run([sys.executable, "-m", "deploy.gateway", "--api-key", "k", "--redis-url", url],
+                              env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "refused our credentials" in done.stderr and "wrong" not in done.stderr

@@ -22,6 +22,7 @@ from producer.paths import expand_paths
 from producer.results import Outcome
 from worker.frames import FrameError, validate_frame
 from worker.jobs import JOB_FUNC, QUEUE_NAME, FrameJob, FrameQueue
+from worker.serializer import MsgpackSerializer
 
 PY = sys.executable
 
@@ -324,3 +325,63 @@ def test_files_wait_prints_results_and_names_failures(
     assert lines["broken.png"]["status"] == "failed"
     assert f"error: {images / 'broken.png'}: failed: " in done.stderr
     assert lines["broken.png"]["error"] in done.stderr
+
+
+def test_odd_files_and_names_fail_alone_and_never_block(
+    tmp_path: Path, redis_url: str, redis_conn: Redis, subprocess_env: dict[str, str]
+) -> None:
+    import os
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(jpeg())
+    # A Latin-1 name from an SMB share or a camera's card is not UTF-8: it reaches Python as surrogates.
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpeg(seed=1))
+    os.mkfifo(folder / "cam.jpg")  # a FIFO named like an image: reading it would block for ever
+    done = run_producer(["files", str(folder), "--redis-url", redis_url], subprocess_env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    names = sorted(Path(line.split("\t")[1]).name for line in done.stdout.splitlines())
+    assert names == ["caf\\xe9.jpg", "ok.jpg"]
+    metas = sorted(validate_frame(FrameJob.fetch(i, connection=redis_conn, serializer=MsgpackSerializer).args[0])
+                   ["meta"]["filename"] for i in FrameQueue(connection=redis_conn).job_ids)
+    assert metas == ["caf\\xe9.jpg", "ok.jpg"]
+    fifo = run_producer(["files", str(folder / "cam.jpg"), "--redis-url", redis_url], subprocess_env, timeout=30)
+    assert fifo.returncode == 2 and "cam.jpg: not a regular file" in fifo.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--station", ""], "argument --station: station '' is not a printable string"),
+    (["--timeout", "nan"], "argument --timeout: must be a positive finite number"),
+    (["--redis-url", ""], "error: the Redis URL is empty"),
+    (["--redis-url", "http://localhost:6379/0"], "is not a redis://, rediss:// or unix:// URL (scheme 'http')"),
+    (["--redis-url", "redis://localhost:99999/0"], "has a port that is not a number in 0..65535"),
+])
+def test_bad_arguments_are_named_once_at_start(
+    tmp_path: Path, args: list[str], message: str, subprocess_env: dict[str, str]
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    done = run_producer(["files", str(tmp_path), *args], subprocess_env)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_api_names_wrong_types_and_values(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="station"):
+        Producer(redis_url, station="")
+    for bad in (float("nan"), 1e9, 0):
+        with pytest.raises(ValueError, match="deadline_s"):
+            Producer(redis_url, deadline_s=bad)
+    with pytest.raises(ValueError, match="result_ttl"):
+        Producer(redis_url, result_ttl=0)
+    with pytest.raises(ValueError, match="max_pending"):
+        Producer(redis_url, max_pending=0)
+    with Producer(redis_url, station="cam") as producer:
+        with pytest.raises(TypeError, match="read it first"):
+            producer.submit_bytes("part.jpg")
+        with pytest.raises(TypeError, match="use submit_bytes for a single image"):
+            producer.submit_many(jpeg())
+        with pytest.raises(FrameError, match=r"meta\['when'\] cannot be sent as msgpack"):
+            producer.submit_bytes(jpeg(), meta={"when": {1, 2}})
+        job_id = producer.submit_bytes(memoryview(jpeg()))
+        [outcome] = producer.wait(job_id, timeout=0.2)  # one id, not its letters one by one
+        assert outcome.job_id == job_id and outcome.status == "timeout"

@@ -109,7 +109,8 @@ def test_camera_counts_frames_it_could_not_send_while_redis_is_down(video: Path)
 
 
 def test_camera_gives_up_after_max_reconnects(tmp_path: Path, redis_url: str, subprocess_env: dict[str, str]) -> None:
-    done = run_camera(["--source", str(tmp_path / "missing.avi"), "--station", "cam-4", "--max-reconnects", "3",
+    # A device that is not there is a live source (it may be plugged in): retried, up to the limit.
+    done = run_camera(["--source", "/dev/video-vq-missing", "--station", "cam-4", "--max-reconnects", "3",
                        "--backoff-initial", "0.01", "--backoff-max", "0.04", "--redis-url", redis_url],
                       subprocess_env)
     assert done.returncode == 1, done.stderr
@@ -119,6 +120,21 @@ def test_camera_gives_up_after_max_reconnects(tmp_path: Path, redis_url: str, su
     assert all(e["delay_s"] <= 0.04 * 1.1 for e in retries)
     assert [e["event"] for e in events][-2:] == ["camera.gave_up", "camera.done"]
     assert events[-1]["reason"] == "gave_up" and events[-1]["reconnects"] == 3 and events[-1]["sent"] == 0
+
+
+def test_a_video_file_that_cannot_be_opened_is_refused_at_once(tmp_path: Path, redis_url: str,
+                                                                  subprocess_env: dict[str, str]) -> None:
+    # A file does not come back by waiting: a typo in its path, or bytes OpenCV cannot read as video.
+    junk = tmp_path / "notes.mp4"
+    junk.write_text("not a video")
+    for source, why in ((tmp_path / "missing.avi", "no such file"), (junk, "OpenCV cannot read it")):
+        done = run_camera(["--source", str(source), "--station", "cam-5", "--redis-url", redis_url], subprocess_env)
+        assert done.returncode == 2, done.stderr
+        events = log_events(done.stderr)
+        assert not [e for e in events if e["event"] == "camera.reconnecting"]
+        refused = [e for e in events if e["event"] == "camera.cannot_open"]
+        assert refused and refused[0]["reason"] == why, done.stderr
+        assert events[-1]["reason"] == "cannot_open"
 
 
 class FakeStream:

@@ -164,3 +164,19 @@ def test_watch_command_runs_until_sigterm(
     assert rejected["file"] == "y.bin" and "neither JPEG nor PNG" in rejected["reason"]
     assert events[-1]["event"] == "watch.stopped" and events[-1]["enqueued"] == 1
     assert FrameQueue(connection=redis_conn).get_jobs()[0].args[0]["station"] == "cli"
+
+
+def test_watch_sends_a_file_whose_name_is_not_utf8_and_refuses_its_own_folder_as_done(
+    tmp_path: Path, redis_url: str, redis_conn: Redis
+) -> None:
+    import os
+
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpeg())
+    watcher = Watcher(Producer(redis_url), tmp_path)
+    watcher.poll_once()
+    assert watcher.poll_once()
+    assert os.listdir(tmp_path / ".done") == [os.fsdecode(b"caf\xe9.jpg")]
+    [job_id] = FrameQueue(connection=redis_conn).job_ids
+    assert validate_frame(FrameQueue(connection=redis_conn).fetch_job(job_id).args[0])["meta"]["filename"] == \
+        "caf\\xe9.jpg"
+    assert Watcher(Producer(redis_url), tmp_path, done_dir=tmp_path).run() == 2

@@ -503,3 +503,19 @@ def test_ingest_follow_rides_through_a_restart_and_stops_on_sigterm(
     assert c["added"] == c["ingested"] == 10 and conn.xlen(SAMPLES_STREAM) == 0
     assert conn.xpending(SAMPLES_STREAM, GROUP)["pending"] == 0
     conn.close()
+
+
+def test_a_read_does_not_end_an_outage_of_refused_writes_but_ends_one_of_a_lost_connection() -> None:
+    from redis import exceptions as rex
+
+    with structlog.testing.capture_logs() as logs:
+        health = RedisHealth(60)
+        health.failed(rex.ReadOnlyError("You can't write against a read only replica."))
+        health.succeeded(wrote=False)  # a GET still works on a read-only server
+        assert not health.up
+        health.succeeded()
+        assert health.up
+        health.failed(rex.ConnectionError("Connection refused"))
+        health.succeeded(wrote=False)  # the server answers again: that is all a lost connection needed
+        assert health.up
+    assert [e["event"] for e in logs].count("redis is back") == 2

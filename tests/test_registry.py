@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import subprocess
 import sys
 
@@ -50,7 +52,7 @@ def test_corrupt_artifacts_are_refused(tmp_path, redis_conn):
     blob = bytearray((artifact / "weights.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (artifact / "weights.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match=r"checksum mismatch for weights\.safetensors"):
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for \S*weights\.safetensors"):
         ModelRegistry(redis_conn).publish(artifact)
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         load_for_serving(artifact)
@@ -92,6 +94,28 @@ def test_worker_refuses_a_tampered_registry_model(tmp_path, redis_url, redis_con
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "checksum mismatch" in out
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line_naming_the_setting(tmp_path, redis_url, subprocess_env):
+    artifact = tiny_artifact(tmp_path / "a")
+    weights = artifact / "weights.safetensors"
+    cut = weights.read_bytes()[:40]  # a copy cut short, its manifest's checksum updated to match
+    weights.write_bytes(cut)
+    digest = hashlib.sha256(cut).hexdigest()
+    rewrite_manifest(artifact, lambda m: m["files"]["weights.safetensors"].update(sha256=digest))
+    proc = start_worker(redis_url, subprocess_env, "w-cut", VQ_MODEL_PATH=str(artifact))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"no model to serve from VQ_MODEL_PATH={artifact}" in out and "not a readable safetensors file" in out
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_worker(redis_url, subprocess_env, "w-port", VQ_MODEL_PATH=str(tiny_artifact(tmp_path / "b")),
+                            VQ_METRICS_PORT=str(port))
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"VQ_METRICS_PORT={port}: cannot listen there" in out
 
 
 def test_registry_cli(tmp_path, redis_url, subprocess_env):

@@ -17,7 +17,7 @@ from rq.worker import Worker
 
 from worker import rq_internals as rq
 from worker.frames import make_frame
-from worker.jobs import RESULTS_STREAM, FrameJob, FrameQueue, enqueue_frames
+from worker.jobs import FAILURE_TTL, RESULTS_STREAM, FrameJob, FrameQueue, enqueue_frames
 from worker.redis_health import is_transient
 from worker.serializer import MsgpackSerializer
 
@@ -118,6 +118,21 @@ def test_a_frame_that_already_ended_is_never_written_again(redis_conn):
     assert claims.duplicates == 1 and not claims.claimed
 
 
+def test_a_claim_retried_after_its_reply_was_lost_answers_with_the_same_frames(redis_conn):
+    queue, ids = _queue(redis_conn, 5)
+    token = rq.claim_token()
+    first = rq.claim_batch(redis_conn, queue, "w1", [], 2, 30, MsgpackSerializer, token)
+    # The reply is lost (a dropped connection); the worker calls again with the same token.
+    again = rq.claim_batch(redis_conn, queue, "w1", [], 2, 30, MsgpackSerializer, token)
+    assert [(j.id, e) for j, e in again.claimed] == [(j.id, e) for j, e in first.claimed] != []
+    assert [j.id for j, _ in again.claimed] == ids[:2] and again.claimed[0][0].data == first.claimed[0][0].data
+    assert redis_conn.llen(queue.key) == 3  # nothing more taken
+    started = StartedJobRegistry(queue.name, connection=redis_conn)
+    assert sorted(started.get_job_ids(cleanup=False)) == sorted(ids[:2])
+    nxt = rq.claim_batch(redis_conn, queue, "w1", [], 5, 30, MsgpackSerializer, rq.claim_token())
+    assert [j.id for j, _ in nxt.claimed] == ids[2:]  # a new claim takes what is left
+
+
 def test_gone_and_not_a_job_ids_are_let_go_and_counted(redis_conn):
     queue, [real] = _queue(redis_conn, 1)
     redis_conn.rpush(queue.key, "vanished", "planted")
@@ -126,6 +141,47 @@ def test_gone_and_not_a_job_ids_are_let_go_and_counted(redis_conn):
     assert [j.id for j, _ in claims.claimed] == [real] and claims.gone == 1
     assert claims.dropped == [("planted", "the job key holds a string, not a hash")]
     assert redis_conn.llen(queue.intermediate_queue_key) == 0
+
+
+def test_queue_entries_that_cannot_be_job_ids_are_dropped_and_the_batch_is_served(redis_conn):
+    # Anyone who may push frames can push these: not UTF-8, a ':' (it would split execution keys),
+    # a space, an empty entry; the ':' and space ones even with a job hash behind them.
+    queue, ids = _queue(redis_conn, 4)
+    planted = [b"\xff\xfe-bad", b"a:b", b"a b", b""]
+    for raw in planted[1:3]:
+        redis_conn.hset(b"rq:job:" + raw, mapping={"status": "queued", "data": b"x"})
+    redis_conn.delete(queue.key)
+    redis_conn.rpush(queue.key, ids[0], ids[1], *planted, ids[2], ids[3])
+    held = rq.wait_for_id(redis_conn, queue, 1)
+    claims = rq.claim_batch(redis_conn, queue, "w1", [held], 10, 30, MsgpackSerializer)
+    assert [job.id for job, _ in claims.claimed] == ids
+    not_an_id = "the queue entry is not a job id (letters, digits, _ and - only)"
+    assert [reason for _, reason in claims.dropped] == [not_an_id] * 4
+    assert [job_id for job_id, _ in claims.dropped] == ["\\xff\\xfe-bad", "a:b", "a b", ""]
+    assert redis_conn.llen(queue.intermediate_queue_key) == 0 and redis_conn.llen(queue.key) == 0
+    started = StartedJobRegistry(queue.name, connection=redis_conn)
+    assert sorted(started.get_job_ids(cleanup=False)) == sorted(ids)  # no execution key with a stray ':'
+
+
+def test_a_planted_entry_met_by_the_blocking_wait_or_a_sweep_is_dropped_there(redis_conn):
+    queue = FrameQueue(connection=redis_conn)
+    redis_conn.rpush(queue.key, b"\xff-idle")
+    assert rq.wait_for_id(redis_conn, queue, 1) is None  # as a timeout: nothing to serve
+    assert redis_conn.llen(queue.intermediate_queue_key) == 0
+    _, [stranded] = _queue(redis_conn, 1)
+    redis_conn.delete(queue.key)
+    redis_conn.rpush(queue.intermediate_queue_key, b"\xfe-left", stranded, b"x:y")
+    redis_conn.hset(FrameJob.key_for(stranded), "vq_rescues", "abc")  # planted: not a count
+    assert rq.intermediate_ids(redis_conn, queue) == [stranded]
+    assert redis_conn.lrange(queue.intermediate_queue_key, 0, -1) == [stranded.encode()]
+    assert rq.rescue_counts(redis_conn, [stranded]) == [0]
+    assert rq.rescue_from_intermediate(redis_conn, queue, stranded, 0, 3) == 1  # back on the queue
+    assert redis_conn.lrange(queue.key, 0, -1) == [stranded.encode()]
+    assert redis_conn.hget(FrameJob.key_for(stranded), "vq_rescues") == b"1"
+    registry = queue.started_job_registry.key
+    redis_conn.zadd(registry, {b"a:b:c": 1, b"\xff:e1": 1, f"{stranded}:e1": 1})
+    assert rq.expired_executions(redis_conn, queue) == [(stranded, "e1")]
+    assert redis_conn.zrange(registry, 0, -1) == [f"{stranded}:e1".encode()]
 
 
 def test_a_planted_key_of_the_wrong_type_fails_its_own_job_only(redis_conn):
@@ -148,6 +204,16 @@ def test_an_oversized_job_hash_is_claimed_with_its_defect_and_never_fetched(redi
     [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
     assert job.defects == ["job hash field description is 70000 bytes (limit 65536)"]
     assert job.data == b""
+    assert job.failure_ttl == FAILURE_TTL  # its own cannot be read; not RQ's default of a year
+
+
+@pytest.mark.parametrize("value", [b"99999999999999999999", b"-5", b"ten"])
+def test_a_planted_ttl_is_a_defect_of_its_own_frame(redis_conn, value):
+    queue, [job_id] = _queue(redis_conn, 1)
+    redis_conn.hset(FrameJob.key_for(job_id), "result_ttl", value)
+    [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
+    assert job.defects == [f"job hash field result_ttl={value!r} cannot be read"]
+    assert rq.Record.failure(job, "e", "0", "defect", None).ttl == FAILURE_TTL
 
 
 def test_an_oversized_image_is_refused_by_the_claim_without_being_read(redis_conn):
@@ -247,3 +313,21 @@ def test_leases_are_renewed_only_where_they_still_exist(redis_conn):
     rq.renew_leases(redis_conn, queue, [(a.id, ea), (b.id, eb)], 600)
     assert redis_conn.zscore(started.key, f"{a.id}:{ea}") > before + 500
     assert redis_conn.zscore(started.key, f"{b.id}:{eb}") is None
+
+
+def test_a_dead_namesake_is_marked_dead_so_a_restart_under_its_name_registers(redis_conn):
+    from datetime import timedelta
+
+    from rq.utils import now, utcformat
+
+    queue = FrameQueue(connection=redis_conn)
+    old = Worker([queue], name="w-named", connection=redis_conn)
+    old.register_birth()
+    fresh = Worker([queue], name="w-named", connection=redis_conn)
+    assert not rq.clear_dead_namesake(redis_conn, fresh.key, 30)  # it beat just now: alive, left alone
+    with pytest.raises(ValueError, match="active worker named"):
+        fresh.register_birth()
+    redis_conn.hset(old.key, "last_heartbeat", utcformat(now() - timedelta(seconds=31)))
+    assert rq.clear_dead_namesake(redis_conn, fresh.key, 30)
+    fresh.register_birth()
+    assert redis_conn.hget(fresh.key, "death") is None and fresh.name in {w.name for w in Worker.all(queue=queue)}

@@ -262,7 +262,8 @@ def verify_files(path: Path | str, manifest: dict[str, Any], names: list[str] | 
             raise ArtifactError(f"artifact {path} is missing {name}")
         digest = sha256_file(fpath)
         if digest != entry["sha256"]:
-            raise ArtifactError(f"checksum mismatch for {name}: expected {entry['sha256'][:12]}…, got {digest[:12]}…")
+            raise ArtifactError(f"checksum mismatch for {fpath}: expected {entry['sha256'][:12]}…, "
+                                f"got {digest[:12]}… (a copy cut short, or a file edited after it was written)")
 
 
 def write_artifact(
@@ -352,9 +353,13 @@ def _int8_weights(
 
 
 def load_state(path: Path | str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # its message names neither the file nor what to do
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}): write the artifact again") from exc
 
 
 def load_float_model(path: Path | str, manifest: dict[str, Any] | None = None) -> nn.Module:

@@ -58,12 +58,13 @@ from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
 from . import rq_internals as rq
+from .artifact import ArtifactError
 from .drift_stats import DriftStats
 from .hot_swap import ModelWatcher
 from .jobs import RESULTS_STREAM, FrameJob, FrameQueue
 from .logs import configure_logging
 from .metrics import WorkerMetrics
-from .model_source import configure_torch, load_engine
+from .model_source import NoModelError, configure_torch, load_engine
 from .outcomes import Failure, FailureKind, FrameTask, Success, judge
 from .recovery import IntermediateWatch, recover_abandoned
 from .redis_health import RedisHealth, RedisOutageError, is_transient, with_timeouts
@@ -170,10 +171,10 @@ class BatchWorker(SimpleWorker):
         self._drift_refused = False
 
     # -- riding through Redis faults ----------------------------------------------------------
-    def _redis(self, fn: Callable[[], T]) -> T:
+    def _redis(self, fn: Callable[[], T], reads_only: bool = False) -> T:
         """`fn()` on the main thread, waiting out a Redis outage; past VQ_REDIS_OUTAGE_S the worker exits 1."""
         try:
-            return self.health.call(fn, stop=self._give_up)
+            return self.health.call(fn, stop=self._give_up, reads_only=reads_only)
         except RedisOutageError as exc:
             self._fail_fatally(exc)
             raise SystemExit(f"visionqueue worker: {exc}") from exc
@@ -219,7 +220,7 @@ class BatchWorker(SimpleWorker):
         """RQ's `rq suspend`, looked at every SUSPEND_POLL_S (RQ sleeps 1 s), so that `rq resume` sets a fleet
         back to work within a tenth of a second of each other; the idle loop asks too (see below)."""
         if burst:  # RQ's own: a suspended burst worker exits
-            self._redis(lambda: super(BatchWorker, self).check_for_suspension(burst))
+            self._redis(lambda: super(BatchWorker, self).check_for_suspension(burst), reads_only=True)
             return
         if not self._suspended():
             return
@@ -235,7 +236,7 @@ class BatchWorker(SimpleWorker):
         self.set_state(before)
 
     def _suspended(self) -> bool:
-        return bool(self._redis(lambda: is_suspended(self.connection, self)))
+        return bool(self._redis(lambda: is_suspended(self.connection, self), reads_only=True))
 
     def _shutdown(self) -> None:
         # Never raise StopRequested from the signal handler, as RQ does when idle: raised between
@@ -245,17 +246,30 @@ class BatchWorker(SimpleWorker):
         self._stop_requested = True
 
     # -- lifecycle ----------------------------------------------------------------------------
+    def register_birth(self) -> None:
+        if rq.clear_dead_namesake(self.connection, self.key, self.worker_ttl):
+            log.warning("a dead worker of this name had not deregistered; taking its name", worker=self.name)
+        super().register_birth()
+
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         # The model is loaded and warmed up before the worker registers: a worker that is
         # visible to `rq info` can take frames at full speed.
         configure_torch(self.settings)
-        self.engine = self._redis(lambda: load_engine(self.settings, self.connection))
+        if self.settings.metrics_port:  # first: a port taken is found before a minute of model loading
+            try:
+                self.metrics.serve(self.settings.metrics_port)
+            except OSError as exc:
+                raise SystemExit(f"visionqueue worker: VQ_METRICS_PORT={self.settings.metrics_port}: cannot listen "
+                                 f"there ({exc.strerror or exc}); pick a free port, or 0 for no metrics") from None
+        try:
+            self.engine = self._redis(lambda: load_engine(self.settings, self.connection))
+        except (ArtifactError, NoModelError) as exc:  # said in one line, not under RQ's traceback
+            where = f"VQ_MODEL_PATH={self.settings.model_path}" if self.settings.model_path else "the registry"
+            raise SystemExit(f"visionqueue worker: no model to serve from {where}: {exc}") from None
         # Measured on 2 CPU cores (resnet18 int8 @224): overlapped 188 frames/s, sequential 178.
         self._overlap = self.settings.overlap_decode == "on"
         self._claim_ahead = resolve_claim_ahead(self.settings.claim_ahead, self.engine.device)
         self.metrics.set_model(self.engine.version, self.engine.precision)
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
         self._redis(lambda: super(BatchWorker, self).bootstrap(*args, **kwargs))
         if self.sampling.strategy != "none" or self.sampling.audit_rate > 0:
             self.samples = SampleFeed(self.connection, self.metrics, self.sampling)
@@ -404,7 +418,7 @@ class BatchWorker(SimpleWorker):
         while not self._forward_free.is_set():
             if self._stop_requested or self._fatal is not None:
                 return False
-            if enough and self._redis(lambda: self.connection.llen(queue.key)) >= enough:
+            if enough and self._redis(lambda: self.connection.llen(queue.key), reads_only=True) >= enough:
                 return True
             self._forward_free.wait(AHEAD_POLL_S)
         return False
@@ -462,8 +476,9 @@ class BatchWorker(SimpleWorker):
     def _take(self, batch: Batch, held: list[str], want: int) -> int:
         """Claim `held` and up to `want` more frames into `batch` (one script call); how many were claimed."""
         with self.metrics.stage("claim"):
+            token = rq.claim_token()  # one per claim, kept across retries: a lost reply never claims twice
             claims = self._redis(lambda: rq.claim_batch(self.connection, batch.queue, self.name, held, want,
-                                                        self.settings.heartbeat_ttl, self.serializer))
+                                                        self.settings.heartbeat_ttl, self.serializer, token))
             tasks = [FrameTask(job=job, execution_id=eid) for job, eid in claims.claimed]
             batch.tasks += tasks
             if tasks:

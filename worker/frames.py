@@ -23,12 +23,19 @@ _LIMITS = frame_limits()
 MAX_IMAGE_BYTES = _LIMITS.max_image_bytes
 MAX_PIXELS = _LIMITS.max_pixels
 MAX_STATION_LEN = 128
+MAX_JPEG_SCANS = 500
 MAX_META_KEYS = 64
 MAX_META_DEPTH = 8
 MAX_DEADLINE_S = 86_400.0
 MAX_TS = 4_102_444_800.0  # 2100-01-01: a capture time past this is a unit mistake (ms, ns), not a clock
-# The id is the RQ job id: RQ joins it with ':' into execution keys, so ':' and spaces are out.
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The id is the RQ job id, so RQ's alphabet (rq.job.JOB_ID_PATTERN: letters, digits, '_', '-'): RQ
+# refuses anything else at enqueue, and joins ids with ':' into execution keys.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+MAX_ID_LEN = 128
+# What a worker takes off its queue: RQ's alphabet, any job RQ could have made (a plain RQ job fails
+# alone, as not a frame); ours above is stricter. The length bound only stops a planted giant.
+_RQ_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+MAX_QUEUE_ID_LEN = 1024
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +78,20 @@ def make_frame(
         "meta": dict(meta or {}),
     }
     validate_frame(frame)
+    _check_packable(frame["meta"])
     return frame
+
+
+def _check_packable(meta: dict[str, Any]) -> None:
+    """A meta value msgpack cannot carry (a set, a datetime, an object) fails here, naming its key,
+    rather than as a bare TypeError at submit time, taking the frames sent with it along."""
+    import msgpack  # a producer dependency already (the job serializer); imported late, like the rest
+
+    for key, value in meta.items():
+        try:
+            msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise FrameError(f"meta[{_show(key)}] cannot be sent as msgpack: {exc}") from None
 
 
 def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
@@ -87,10 +107,9 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
     if type(frame["v"]) is not int or frame["v"] != FRAME_VERSION:
         raise FrameError(f"frame version {_show(frame['v'])} is not supported (this worker reads v{FRAME_VERSION})")
     if not isinstance(frame["id"], str) or not _ID_RE.fullmatch(frame["id"]):
-        raise FrameError(f"frame id {_show(frame['id'])} is not 1..128 letters, digits, '.', '_' or '-'")
-    station = frame["station"]
-    if not isinstance(station, str) or not 0 < len(station) <= MAX_STATION_LEN or not station.isprintable():
-        raise FrameError(f"station {_show(station)} is not a printable string of 1..{MAX_STATION_LEN} characters")
+        raise FrameError(f"frame id {_show(frame['id'])} is not 1..{MAX_ID_LEN} letters, digits, '_' or '-' "
+                         "(starting with a letter or digit)")
+    check_station(frame["station"])
     _check_number("ts", frame["ts"], 0.0, MAX_TS, "unix seconds")
     seq = frame["seq"]
     if type(seq) is not int or not 0 <= seq < 2**63:
@@ -106,7 +125,7 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
         if _depth(meta) > MAX_META_DEPTH:
             raise FrameError(f"meta is nested more than {MAX_META_DEPTH} levels deep")
         if meta.get("deadline_s") is not None:
-            _check_number("meta.deadline_s", meta["deadline_s"], 0.0, MAX_DEADLINE_S, "seconds", positive=True)
+            check_deadline(meta["deadline_s"], "meta.deadline_s")
     image = frame["image"]
     if not isinstance(image, bytes | bytearray):
         raise FrameError(f"image must be bytes, got {type(image).__name__}")
@@ -118,6 +137,29 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
         )
     image_format(image)
     return frame
+
+
+def job_id_text(raw: bytes | str) -> str | None:
+    """`raw` (a queue entry, a registry member's id part) as a job id a worker can serve, or None when
+    it can be none: not UTF-8, or outside RQ's alphabet. Only a planted entry is like that."""
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None
+    return text if len(text) <= MAX_QUEUE_ID_LEN and _RQ_ID_RE.fullmatch(text) else None
+
+
+def check_station(station: Any) -> str:
+    """`station` when it is a valid station name (producers check theirs once, at start); FrameError else."""
+    if not isinstance(station, str) or not 0 < len(station) <= MAX_STATION_LEN or not station.isprintable():
+        raise FrameError(f"station {_show(station)} is not a printable string of 1..{MAX_STATION_LEN} characters")
+    return station
+
+
+def check_deadline(seconds: Any, name: str = "deadline_s") -> float:
+    """`seconds` as a float when it is a valid frame deadline, (0, MAX_DEADLINE_S]; FrameError else."""
+    _check_number(name, seconds, 0.0, MAX_DEADLINE_S, "seconds", positive=True)
+    return float(seconds)
 
 
 def _depth(value: Any, limit: int = MAX_META_DEPTH + 1) -> int:
@@ -194,4 +236,13 @@ def check_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
         raise FrameError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (VQ_MAX_PIXELS)"
         )
+    if data.startswith(_JPEG_MAGIC):
+        # A progressive JPEG decodes scan by scan, each pass over the whole image: a few KB of tiny scans
+        # repeated tens of thousands of times keep a decoder busy for minutes inside both limits above
+        # (a "scan bomb"; libjpeg-turbo's TurboJPEG API bounds it with TJPARAM_SCANLIMIT, OpenCV does
+        # not). SOS markers cannot occur inside entropy-coded data (0xFF is stuffed there), so counting
+        # them is exact, give or take an EXIF thumbnail's few. Real encoders write at most a few dozen.
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise FrameError(f"JPEG has {scans} scans, over the limit of {MAX_JPEG_SCANS} (a progressive scan bomb)")
     return width, height

@@ -102,9 +102,9 @@ class FrameJob(Job):
         self.group_id = None
         self._status = self._field(obj, "status", lambda v: JobStatus(_text(v)), JobStatus.CREATED)
         self.timeout = self._field(obj, "timeout", lambda v: _positive(parse_timeout(_text(v))), None)
-        self.result_ttl = self._field(obj, "result_ttl", _int, None)
-        self.failure_ttl = self._field(obj, "failure_ttl", _int, None)
-        self.ttl = self._field(obj, "ttl", _int, None)
+        self.result_ttl = self._field(obj, "result_ttl", _ttl, None)
+        self.failure_ttl = self._field(obj, "failure_ttl", _ttl, None)
+        self.ttl = self._field(obj, "ttl", _ttl, None)
         self.number_of_retries = self._field(obj, "number_of_retries", _int, None)
         self.retries_left = self._field(obj, "retries_left", _int, None)
         self.retry_intervals = self._field(obj, "retry_intervals", _int_list, None)
@@ -187,6 +187,18 @@ def _date(raw: bytes) -> datetime:
 
 def _int(raw: bytes) -> int:
     return int(raw)
+
+
+MAX_TTL_S = 10 * 365 * 86_400
+
+
+def _ttl(raw: bytes) -> int:
+    """A TTL as RQ reads it (-1: keep), bounded: one Redis refuses (or one that deletes at once, < -1)
+    would otherwise fail the record after the status was written."""
+    value = int(raw)
+    if not -1 <= value <= MAX_TTL_S:
+        raise ValueError("out of range")
+    return value
 
 
 def _positive(value: int | None) -> int | None:

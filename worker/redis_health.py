@@ -31,7 +31,7 @@ import structlog
 from redis import Redis
 from redis import exceptions as rex
 
-from .settings import ROWS, SettingsError, setting
+from .settings import ROWS, SettingsError, check_redis_url, setting
 
 log = structlog.get_logger("visionqueue.redis")
 
@@ -93,6 +93,7 @@ class RedisHealth:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._failures = 0
+        self._writes_refused = False  # the last failure was a write refused (READONLY, OOM, MISCONF…)
         self.outages = 0
 
     @property
@@ -103,8 +104,10 @@ class RedisHealth:
         since = self._down_since
         return 0.0 if since is None else time.monotonic() - since
 
-    def succeeded(self) -> None:
-        if self._down_since is None:
+    def succeeded(self, wrote: bool = True) -> None:
+        """A call went through. A read (`wrote=False`) does not end an outage of refused writes: reads
+        still work on a server that is read-only or full, and saying "back" there would only flap."""
+        if self._down_since is None or (not wrote and self._writes_refused):
             return
         with self._lock:
             if self._down_since is None:
@@ -126,6 +129,7 @@ class RedisHealth:
                 self._down_since = time.monotonic()
                 self.outages += 1
             self._failures += 1
+            self._writes_refused = not isinstance(exc, rex.ConnectionError | rex.TimeoutError)
             failures = self._failures
             down_for = time.monotonic() - self._down_since
         if first:
@@ -142,10 +146,11 @@ class RedisHealth:
         cap = min(self.max_delay, self.base_delay * 2 ** min(failures, 16))
         return random.uniform(cap / 2, cap)
 
-    def call(self, fn: Callable[[], T], *, stop: threading.Event | None = None) -> T:
+    def call(self, fn: Callable[[], T], *, stop: threading.Event | None = None, reads_only: bool = False) -> T:
         """`fn()` until it succeeds, waiting out transient Redis errors; others propagate at once.
 
-        With `stop` set while waiting, the last error is raised instead of waiting further.
+        With `stop` set while waiting, the last error is raised instead of waiting further. A `fn` that
+        only reads says so (`reads_only`): its success does not end an outage of refused writes.
         """
         while True:
             try:
@@ -160,7 +165,7 @@ class RedisHealth:
                 else:
                     time.sleep(delay)
                 continue
-            self.succeeded()
+            self.succeeded(wrote=not reads_only)
             return value
 
 
@@ -190,9 +195,13 @@ def resolve_url(url: str | None = None, env: Mapping[str, str] | None = None) ->
     """
     try:
         # Row by row, and REDIS_URL only when it is used: a --redis-url flag makes a stale variable harmless.
-        if not url:
+        if url is None:
             url_file = setting(URL_FILE_ENV, env)
             url = _read_secret(url_file, URL_FILE_ENV) if url_file else setting(URL_ENV, env)
+            if url_file:
+                check_redis_url(url, URL_FILE_ENV)
+        else:  # given by a flag or a caller: an empty one is a mistake, not "the default"
+            check_redis_url(url, "the Redis URL")
         password_file = setting(PASSWORD_FILE_ENV, env)
     except RedisConfigError:
         raise
@@ -267,6 +276,22 @@ def connect(url: str | None = None, *, socket_timeout: float = 10.0, **kwargs: o
     kwargs.setdefault("socket_connect_timeout", 5.0)
     kwargs.setdefault("health_check_interval", 15)
     return Redis.from_url(resolve_url(url), socket_timeout=socket_timeout, **kwargs)
+
+
+def credentials_refused(url: str | None = None) -> str | None:
+    """Why the Redis at `url` refuses our credentials (wrong password, unknown user, no permission to
+    PING), or None: it accepted them, or cannot be asked right now (a fault that passes is ridden through
+    later, where a refusal at start would only be met again on every call)."""
+    probe = connect(url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=0)
+    try:
+        probe.ping()
+    except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    except rex.RedisError:
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 def with_timeouts(conn: Redis, socket_timeout: float = 10.0) -> Redis:

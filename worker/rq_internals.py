@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
+import structlog
 from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
@@ -33,13 +34,16 @@ from rq.job import JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
-from rq.utils import as_text, current_timestamp, parse_composite_key, utcformat
+from rq.utils import as_text, current_timestamp, parse_composite_key, str_to_date, utcformat
 from rq.utils import now as now  # re-exported: the timestamp RQ writes
 from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY, clean_worker_registry
 from rq.worker_registration import register as register_worker
 
-from .jobs import FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS, FrameJob
+from .frames import job_id_text
+from .jobs import FAILURE_TTL, FORBIDDEN_FIELDS, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS, FrameJob
+
+log = structlog.get_logger("worker.rq_internals")
 
 TERMINAL = frozenset({JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.STOPPED.value,
                       JobStatus.CANCELED.value})
@@ -132,8 +136,12 @@ return out
 # that job alone.
 # Per id: {id, 0} gone; {id, 1} already ended; {id, 2, reason} not a job (dropped);
 # {id, 3, execution id, fields}; {id, 4, execution id, reason} claimed, but unreadable.
+# A retry is safe: what a call claimed is kept under the worker's claim key with the call's token
+# (its execution id prefix), and a second call with that token (its reply was lost to a dropped
+# connection) answers with those frames again, read afresh, instead of taking more: the first ones
+# would otherwise sit started until their leases ran out, and count as rescued from a dead worker.
 _CLAIM_LUA = _READ_JOB + """
-local queue, inter, wip, wexec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local queue, inter, wip, wexec, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local worker, iso, ts, now, ttl, base = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local want, max_data, max_field, max_fields = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
   tonumber(ARGV[10])
@@ -142,6 +150,18 @@ local nforbidden = tonumber(ARGV[14])
 local forbidden_list = {}
 for i = 1, nforbidden do forbidden_list[i] = ARGV[14 + i] end
 local forbidden = name_set(forbidden_list)
+if redis.call('HGET', ckey, 'token') == base then
+  local again = {}
+  for _, pair in ipairs(cjson.decode(redis.call('HGET', ckey, 'claimed'))) do
+    local id, eid = pair[1], pair[2]
+    local code, value, status = read_job(jp .. id, max_data, max_field, max_fields, forbidden)
+    if code == 0 then again[#again + 1] = {id, 0}
+    elseif code == 3 and status and TERMINAL[status] then again[#again + 1] = {id, 1}
+    elseif code == 3 then again[#again + 1] = {id, 3, eid, value}
+    else again[#again + 1] = {id, 4, eid, value} end
+  end
+  return again
+end
 local ids = {}
 for i = 15 + nforbidden, #ARGV do ids[#ids + 1] = ARGV[i] end
 local nheld = #ids
@@ -153,7 +173,14 @@ for _, id in ipairs(popped) do ids[#ids + 1] = id end
 local out, claimed = {}, 0
 for _, id in ipairs(ids) do
   local jk = jp .. id
-  local code, value, status, strip = read_job(jk, max_data, max_field, max_fields, forbidden)
+  local code, value, status, strip
+  -- RQ's job id alphabet (worker.frames.job_id_text): anything else was planted, and an id with ':'
+  -- would make execution keys that RQ's registries cannot split back.
+  if #id > 1024 or not string.match(id, '^[%w_%-]+$') then
+    code, value = 1, 'the queue entry is not a job id (letters, digits, _ and - only)'
+  else
+    code, value, status, strip = read_job(jk, max_data, max_field, max_fields, forbidden)
+  end
   if code == 0 then out[#out + 1] = {id, 0}
   elseif code == 1 then out[#out + 1] = {id, 2, value}
   elseif status and TERMINAL[status] then out[#out + 1] = {id, 1}
@@ -182,7 +209,14 @@ for _, id in ipairs(ids) do
 end
 if #popped > 0 then redis.call('LTRIM', inter, 0, -#popped - 1) end
 for i = 1, nheld do redis.call('LREM', inter, 1, ids[i]) end
-if claimed > 0 then redis.call('EXPIRE', wexec, ttl + 60) end
+redis.call('DEL', ckey)
+if claimed > 0 then
+  redis.call('EXPIRE', wexec, ttl + 60)
+  local kept = {}
+  for _, o in ipairs(out) do if o[2] >= 3 then kept[#kept + 1] = {o[1], o[3]} end end
+  redis.call('HSET', ckey, 'token', base, 'claimed', cjson.encode(kept))
+  redis.call('EXPIRE', ckey, ttl + 60)
+end
 return out
 """
 
@@ -308,11 +342,13 @@ return 0
 _RESCUE_LUA = """
 local status = redis.call('HGET', KEYS[3], 'status')
 if status == 'started' then return 0 end
-local rescues = tonumber(redis.call('HGET', KEYS[3], 'vq_rescues') or '0')
+local raw = redis.call('HGET', KEYS[3], 'vq_rescues')
+-- a planted value that is no count reads as 0, as in rescue_counts: the frame is rescued, and its claim fails it
+local rescues = (raw and string.match(raw, '^%d+$')) and tonumber(raw) or 0
 if rescues ~= tonumber(ARGV[2]) then return 0 end
 if rescues >= tonumber(ARGV[3]) then return -1 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[3], 'vq_rescues', 1)
+redis.call('HSET', KEYS[3], 'vq_rescues', rescues + 1)
 redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
 """
@@ -330,11 +366,31 @@ class Unreadable:
         return self.reason.startswith("the job key holds")
 
 
+NOT_A_JOB_ID = "the queue entry is not a job id (letters, digits, _ and - only)"  # the claim script's too
+
+
 # -- taking frames off the queue ----------------------------------------------------------------
 def wait_for_id(conn: Redis, queue: Queue, timeout: float) -> str | None:
-    """Block up to `timeout` s for one id, moved to the intermediate list as RQ's dequeue does."""
+    """Block up to `timeout` s for one id, moved to the intermediate list as RQ's dequeue does.
+
+    An entry that cannot be a job id (planted: not UTF-8, or outside RQ's alphabet) is taken off the
+    intermediate list and logged, and None returned as for a timeout: nothing of it can be served.
+    """
     value = conn.blmove(queue.key, queue.intermediate_queue_key, timeout)
-    return None if value is None else as_text(value)
+    if value is None:
+        return None
+    job_id = job_id_text(value)
+    if job_id is None:
+        conn.lrem(queue.intermediate_queue_key, 1, value)
+        log.error("queue entry is not a job; dropped", job_id=shown_id(value),
+                  reason=NOT_A_JOB_ID)
+    return job_id
+
+
+def shown_id(raw: bytes | str) -> str:
+    """A queue entry as text for a log line or a reason, whatever bytes it holds."""
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+    return text[:200]
 
 
 def fetch_jobs(conn: Redis, ids: list[str], serializer: Any) -> list[FrameJob | Unreadable | None]:
@@ -397,6 +453,8 @@ def placeholder(conn: Redis, job_id: str, queue: Queue, serializer: Any) -> Fram
     """A job object for an id whose hash cannot be read, so that it can be failed like any other."""
     job = FrameJob(job_id, connection=conn, serializer=serializer)
     job.origin = queue.name
+    # Its own failure_ttl cannot be read: ours, not RQ's year, bounds how long its (maybe huge) hash stays.
+    job.failure_ttl = FAILURE_TTL
     job.data = b""
     job.defects, job.forbidden = [], []
     return job
@@ -410,6 +468,7 @@ def forget_ids(pipe: Pipeline, queue: Queue, ids: Iterable[str]) -> None:
 
 # -- claiming -----------------------------------------------------------------------------------
 EXECUTION_PREFIX = f"{RQ_KEY_PREFIX}:execution:"
+CLAIM_KEY_TEMPLATE = f"{RQ_KEY_PREFIX}:worker:{{}}:vq-claim"  # the last claim: its token and what it took
 EXECUTIONS_PREFIX = ExecutionRegistry.key_template.format("")
 RESULTS_PREFIX = Result.get_key("")
 # The forbidden names that are real hash fields ("dependents" stands for the separate set).
@@ -432,13 +491,22 @@ def _stamp() -> tuple[str, str, int]:
     return utcformat(stamp), repr(stamp.timestamp()), current_timestamp()
 
 
+def claim_token() -> str:
+    """A token for one claim, kept across its retries (`claim_batch`): the prefix of its execution ids."""
+    return uuid4().hex[:28]
+
+
 def claim_batch(conn: Redis, queue: Queue, worker_name: str, held: list[str], want: int, ttl: int,
-                serializer: Any) -> Claims:
-    """Claim `held` (ids this worker moved to the intermediate list) and up to `want` more off the queue."""
+                serializer: Any, token: str | None = None) -> Claims:
+    """Claim `held` (ids this worker moved to the intermediate list) and up to `want` more off the queue.
+
+    Called again with the same `token` (from `claim_token`) after an error, it answers with what the
+    first call claimed, if that call ran (its reply lost), and claims afresh if it did not.
+    """
     iso, ts, whole = _stamp()
     keys = [queue.key, queue.intermediate_queue_key, queue.started_job_registry.key,
-            WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)]
-    args = [worker_name, iso, ts, whole, ttl, uuid4().hex[:28], want, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS,
+            WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name), CLAIM_KEY_TEMPLATE.format(worker_name)]
+    args = [worker_name, iso, ts, whole, ttl, token or claim_token(), want, MAX_DATA_BYTES, MAX_FIELD_BYTES, MAX_FIELDS,
             FrameJob.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX, len(_FORBIDDEN), *_FORBIDDEN,
             *held]
     claims = Claims()
@@ -446,7 +514,7 @@ def claim_batch(conn: Redis, queue: Queue, worker_name: str, held: list[str], wa
     readable = [(as_text(reply[0]), reply[3]) for reply in replies if reply[1] == 3]
     restored = iter(_restore_all(conn, readable, serializer))
     for reply in replies:
-        job_id, code = as_text(reply[0]), reply[1]
+        job_id, code = shown_id(reply[0]), reply[1]  # only codes 3 and 4 (checked ids) are used as ids
         if code == 0:
             claims.gone += 1
         elif code == 1:
@@ -499,7 +567,8 @@ class Record:
     def failure(cls, job: FrameJob, execution_id: str, started_at: str, reason: str,
                 stream: dict[str, str] | None) -> Record:
         packed = zlib.compress(reason.encode())
-        ttl = job.failure_ttl if job.failure_ttl is not None else DEFAULT_FAILURE_TTL
+        # RQ's year for a job that set none; ours for one whose hash could not be read (it may be huge)
+        ttl = job.failure_ttl if job.failure_ttl is not None else FAILURE_TTL if job.defects else DEFAULT_FAILURE_TTL
         return cls("fail", job.id, execution_id, ttl, started_at, b64encode(packed).decode(), packed, stream)
 
     @classmethod
@@ -559,14 +628,31 @@ def transaction(conn: Redis, watch: list[str], write: Any) -> list[Any] | None:
 
 # -- recovery of frames whose worker died -------------------------------------------------------
 def intermediate_ids(conn: Redis, queue: Queue) -> list[str]:
-    return [as_text(x) for x in conn.lrange(queue.intermediate_queue_key, 0, -1)]
+    """The ids on the intermediate list; an entry that cannot be a job id is taken off it and logged
+    (it would otherwise stop every sweep that meets it, and the frames behind it would stay stranded)."""
+    ids = []
+    for raw in conn.lrange(queue.intermediate_queue_key, 0, -1):
+        job_id = job_id_text(raw)
+        if job_id is None:
+            conn.lrem(queue.intermediate_queue_key, 1, raw)
+            log.error("queue entry is not a job; dropped", job_id=shown_id(raw), where="intermediate list",
+                      reason=NOT_A_JOB_ID)
+        else:
+            ids.append(job_id)
+    return ids
 
 
 def rescue_counts(conn: Redis, ids: list[str]) -> list[int]:
+    """Each job's `vq_rescues`; a planted value that is no count reads as 0 (its claim then fails the frame
+    with the defect named, where this sweep could only stop)."""
     with conn.pipeline(transaction=False) as pipe:
         for job_id in ids:
             pipe.hget(FrameJob.key_for(job_id), "vq_rescues")
-        return [int(x or 0) for x in pipe.execute()]
+        return [_count(x) for x in pipe.execute()]
+
+
+def _count(raw: bytes | None) -> int:
+    return int(raw) if raw and raw.isdigit() else 0  # as the rescue script reads it
 
 
 def rescue_from_intermediate(conn: Redis, queue: Queue, job_id: str, seen_rescues: int, max_rescues: int) -> int:
@@ -582,9 +668,25 @@ def live_executions(conn: Redis, job_id: str) -> set[str]:
 
 
 def expired_executions(conn: Redis, queue: Queue) -> list[tuple[str, str]]:
-    """(job id, execution id) of every lease in the started registry that ran out."""
-    members = conn.zrangebyscore(queue.started_job_registry.key, 0, current_timestamp())
-    return [parse_composite_key(as_text(m)) for m in members]
+    """(job id, execution id) of every lease in the started registry that ran out. A member that is no
+    `job id:execution id` (planted) is taken out of the registry and logged: it names no frame to recover."""
+    found = []
+    for member in conn.zrangebyscore(queue.started_job_registry.key, 0, current_timestamp()):
+        parts = _execution_parts(member)
+        if parts is None:
+            conn.zrem(queue.started_job_registry.key, member)
+            log.error("started registry entry names no frame; dropped", entry=shown_id(member))
+        else:
+            found.append(parts)
+    return found
+
+
+def _execution_parts(member: bytes) -> tuple[str, str] | None:
+    try:
+        job_id, execution_id = parse_composite_key(member.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (job_id, execution_id) if job_id_text(job_id) is not None else None
 
 
 def drop_lease(pipe: Pipeline, queue: Queue, job_id: str, execution_id: str) -> None:
@@ -616,6 +718,25 @@ def is_registered(conn: Redis, worker: Worker) -> bool:
             pipe.sismember(WORKERS_BY_QUEUE_KEY % name, worker.key)
         pipe.hexists(worker.key, "birth")
         return all(pipe.execute())
+
+
+def clear_dead_namesake(conn: Redis, key: str, worker_ttl: int) -> bool:
+    """Mark the worker under `key` dead, as RQ's `register_death` would, when it has not beaten for more
+    than `worker_ttl` s (it exited while Redis was away, or was killed): RQ refuses a new worker of the
+    same name (`--name`) until that hash expires, a minute or more after a restart. True when it did.
+    Its frames are not touched: their leases run out and recovery takes them back as from any dead worker.
+    """
+    beat = conn.hget(key, "last_heartbeat")
+    if beat is None or conn.hexists(key, "death"):
+        return False
+    try:
+        last = str_to_date(beat)
+    except ValueError:
+        last = None
+    if last is not None and (now() - last).total_seconds() <= worker_ttl:
+        return False
+    conn.hset(key, "death", utcformat(now()))
+    return True
 
 
 def register_again(worker: Worker, state: str) -> None:

@@ -54,6 +54,7 @@ KINDS: dict[str, str] = {
     "dir": "an existing directory",
     "file": "a readable file",
     "url": "a `redis://`, `rediss://` or `unix://` URL",
+    "urls": "`redis://`, `rediss://` or `unix://` URLs, comma-separated",
     "key": "one key, no spaces",
     "pubkeys": "files or keys (PEM, base64), comma-separated",
     "host": "a host name or address",
@@ -186,7 +187,7 @@ def _rows() -> tuple[Row, ...]:
         Row(RD, "redis_outage_s", "VQ_REDIS_OUTAGE_S", "float", 120.0,
             "seconds a process waits out a Redis outage before it gives up and says why", 1.0, 86_400.0),
         # Past one Redis (RQ cannot use Redis Cluster): independent shards, stations spread by a stable hash.
-        Row(RD, "redis_urls", "REDIS_URLS", "url", None,
+        Row(RD, "redis_urls", "REDIS_URLS", "urls", None,
             "shard by station over these Redis URLs, comma-separated, in a fixed order (see \"Past one Redis\"); "
             "unset: one Redis", secret=True, shown="unset (`REDIS_URL` alone)"),
         Row(RD, "redis_urls_file", "REDIS_URLS_FILE", "file", None,
@@ -320,12 +321,10 @@ def _parse(row: Row, raw: str, label: str) -> Any:
             raise SettingsError(f"{label}={value}: cannot read it (no such file)")
         return value
     if row.kind == "url":
-        try:
-            scheme = urlsplit(value).scheme
-        except ValueError:
-            scheme = "?"
-        if scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError(f"{label} is not a redis://, rediss:// or unix:// URL (scheme {scheme!r})")
+        return check_redis_url(value, label)
+    if row.kind == "urls":
+        for number, url in enumerate(u.strip() for u in value.split(",") if u.strip()):
+            check_redis_url(url, f"{label}: shard {number}")
         return value
     if row.kind in ("key", "host"):
         if any(c.isspace() for c in value):
@@ -334,6 +333,33 @@ def _parse(row: Row, raw: str, label: str) -> Any:
             raise SettingsError(f"{label}{shown} holds whitespace{extra}")
         return value
     raise AssertionError(f"row {row.env} has an unknown kind {row.kind!r}")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(url: str, label: str) -> str:
+    """`url` when redis-py can connect by it; SettingsError naming `label` (never the URL: it may hold a
+    password) when its scheme, port or database number is wrong."""
+    if not url.strip():
+        raise SettingsError(f"{label} is empty")
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+    except ValueError:
+        scheme = "?"
+    if scheme not in REDIS_SCHEMES:
+        raise SettingsError(f"{label} is not a redis://, rediss:// or unix:// URL (scheme {scheme!r})")
+    if scheme == "unix":
+        return url
+    try:
+        parts.port  # noqa: B018 -- reading it is the check: urlsplit raises for a port out of range
+    except ValueError:
+        raise SettingsError(f"{label} has a port that is not a number in 0..65535") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise SettingsError(f"{label} names database {db!r}: a number is expected (redis://host:6379/0)")
+    return url
 
 
 def _default(row: Row) -> Any:

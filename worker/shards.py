@@ -34,18 +34,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from redis import Redis
 
 from .redis_health import RedisConfigError, exec_with_url, mask_url, resolve_url
-from .settings import SettingsError, setting
+from .settings import SettingsError, check_redis_url, setting
 
 URLS_ENV = "REDIS_URLS"
 URLS_FILE_ENV = "REDIS_URLS_FILE"
 SHARD_ENV = "VQ_SHARD"
 PRIMARY = 0  # the shard that holds the written registry; the others hold mirrors
-_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _score(index: int, station: str) -> int:
@@ -66,14 +64,7 @@ def _check(urls: Sequence[str], variable: str) -> tuple[str, ...]:
     if not found:
         raise SettingsError(f"{variable} names no shard")
     for number, url in enumerate(found):
-        try:
-            scheme = urlsplit(url).scheme
-        except ValueError:
-            scheme = "?"
-        if scheme not in _SCHEMES:
-            # Never echo the value: a URL may carry a password.
-            raise SettingsError(f"{variable}: shard {number} is not a redis://, rediss:// or unix:// URL "
-                                f"(scheme {scheme!r})")
+        check_redis_url(url, f"{variable}: shard {number}")  # never echoes the value: it may carry a password
     if len(set(found)) != len(found):
         # Two shards on one Redis would share one queue and double-count each other's frames.
         raise SettingsError(f"{variable} names the same URL twice")
@@ -166,8 +157,9 @@ def station_url(station: str, url: str | None = None, urls: Sequence[str] | str 
                 env: Mapping[str, str] | None = None) -> str | None:
     """Where `station` sends its frames, as written (give it to `connect`, which adds the password):
     `url` when given (an explicit --redis-url wins), else its shard's URL when a shard map is
-    configured (`urls` or the environment), else None: REDIS_URL_FILE / REDIS_URL, as ever."""
-    if url:
+    configured (`urls` or the environment), else None: REDIS_URL_FILE / REDIS_URL, as ever. An empty
+    `url` is returned as it is, for `resolve_url` to refuse: an empty flag is a mistake, not the default."""
+    if url is not None:
         return url
     shards = shard_map(urls, env)
     return shards.url_for(station) if shards is not None else None
@@ -178,7 +170,7 @@ def served_url(url: str | None = None, urls: Sequence[str] | str | ShardMap | No
     """The one Redis a worker or gateway serves, as written: `url` if given, else shard `shard` (default
     VQ_SHARD) of the shard map, else None (REDIS_URL_FILE / REDIS_URL). A shard map without a shard
     index is an error: serving shard 0 by accident would leave every other shard's stations unserved."""
-    if url:
+    if url is not None:
         return url
     shards = shard_map(urls, env)
     index = setting(SHARD_ENV, env) if shard is None else shard

@@ -6,8 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.frames import MAX_IMAGE_BYTES
 from worker.settings import ROWS, Row, SettingsError, flag_type, gateway_settings
+
+try:
+    from worker.frames import MAX_IMAGE_BYTES
+except SettingsError as exc:  # a limit read when the frame contract loads (VQ_MAX_IMAGE_BYTES, VQ_MAX_PIXELS)
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 PROBE_CONNECTIONS = 256  # uvicorn's --limit-concurrency headroom: probes and uploads get through
 # Refused waiters close their connections at once, but a burst of them is still open when uvicorn
@@ -82,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.timeout <= args.request_timeout, "--timeout must be at most --request-timeout"),
         (args.max_inflight_bytes >= args.max_upload_bytes,
          "--max-inflight-bytes must be at least --max-upload-bytes (else no upload fits)"),
+        (args.max_upload_bytes <= MAX_IMAGE_BYTES,
+         f"--max-upload-bytes must be at most VQ_MAX_IMAGE_BYTES ({MAX_IMAGE_BYTES}): no worker takes a larger "
+         "image; raise VQ_MAX_IMAGE_BYTES for the gateway and the workers together"),
         (args.limit_concurrency is None or args.limit_concurrency > args.max_waiters,
          "--limit-concurrency must be above --max-waiters (else probes get uvicorn's 503)"),
     ]
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn  # imported late (as is FastAPI): `--help` stays fast and works without the extra
 
     from worker.logs import configure_logging
+    from worker.redis_health import credentials_refused, mask_url, resolve_url
     from worker.settings import setting
     from worker.shards import SHARD_ENV, served_url, shard_map
 
@@ -104,19 +113,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_logging()  # VQ_LOG_FORMAT / VQ_LOG_LEVEL, as for every entry point
         # An explicit --redis-url is one Redis; else a shard map needs the shard this gateway serves.
-        shards = None if args.redis_url else shard_map(args.redis_urls)
+        if args.redis_url is not None and args.shard is not None:
+            raise SettingsError("--shard picks a shard of a shard map; --redis-url names one Redis: give one of them")
+        shards = None if args.redis_url is not None else shard_map(args.redis_urls)
+        if shards is None and args.shard is not None:
+            raise SettingsError(f"--shard {args.shard} is given but no shard map is: give --redis-urls, "
+                                "or set REDIS_URLS or REDIS_URLS_FILE")
         shard = (args.shard if args.shard is not None else setting(SHARD_ENV)) if shards is not None else None
         redis_url = served_url(args.redis_url, shards, shard)
-    except SettingsError as exc:
+        shown = mask_url(resolve_url(redis_url))  # checks the URL and its credential files first
+        app = create_app(redis_url, shards=shards, shard=shard, api_key=args.keys, max_queue=args.max_queue,
+                         default_timeout=args.timeout,
+                         max_upload_bytes=args.max_upload_bytes, insecure_no_auth=args.insecure_no_auth,
+                         max_timeout=args.request_timeout, body_timeout=args.body_timeout,
+                         max_inflight_bytes=args.max_inflight_bytes, redis_fill=args.redis_fill,
+                         max_waiters=args.max_waiters, rate_limit=args.rate_limit or None,
+                         rate_burst=args.rate_burst, max_pixels=args.max_pixels)
+    except (SettingsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(redis_url, shards=shards, shard=shard, api_key=args.keys, max_queue=args.max_queue,
-                     default_timeout=args.timeout,
-                     max_upload_bytes=args.max_upload_bytes, insecure_no_auth=args.insecure_no_auth,
-                     max_timeout=args.request_timeout, body_timeout=args.body_timeout,
-                     max_inflight_bytes=args.max_inflight_bytes, redis_fill=args.redis_fill,
-                     max_waiters=args.max_waiters, rate_limit=args.rate_limit or None, rate_burst=args.rate_burst,
-                     max_pixels=args.max_pixels)
+    refused = credentials_refused(redis_url)
+    if refused:
+        # Not a fault that passes: a gateway serving on would answer every upload with a 500.
+        print(f"error: Redis at {shown} refused our credentials: {refused}", file=sys.stderr)
+        return 3
     limit = args.limit_concurrency or WAITER_CONNECTIONS * args.max_waiters + PROBE_CONNECTIONS
     # access_log off: the gateway logs one structured line per request itself. backlog: a burst of
     # connections waits in the kernel rather than being refused.

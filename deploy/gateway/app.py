@@ -196,6 +196,7 @@ async def _watch_flights(service: FrameService, budget: ByteBudget) -> None:
     """Keeps the byte budget true: samples Redis's memory, and gives back the bytes of frames
     that are done (or gone), whoever waited for them. Runs for the app's lifetime."""
     warned = False
+    last_error: str | None = None
     while True:
         try:
             before = budget.enqueued_total
@@ -209,10 +210,17 @@ async def _watch_flights(service: FrameService, budget: ByteBudget) -> None:
             if ids:
                 for job_id in await asyncio.to_thread(service.settled, ids):
                     budget.done(job_id)
-        except RedisError:
-            pass  # Redis away: keep what is held (the conservative side); the health logs the outage
+        except RedisError as exc:
+            # Redis away: keep what is held (the conservative side); the health logs the outage. An error
+            # that does not pass (credentials revoked, an ACL without a command) is logged, once per kind.
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if not is_transient(exc) and error != last_error:
+                log.error("gateway.redis_refuses", error=error)
+            last_error = error
         except Exception as exc:  # the watcher must outlive any one bad round
             log.error("gateway.flight_watch_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            last_error = None
         await asyncio.sleep(FLIGHT_CHECK_S)
 
 
@@ -390,7 +398,9 @@ async def _read_upload(request: Request, settings: _Settings, image: UploadFile)
     data = await image.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         size = image.size if image.size is not None else len(data)
-        raise HTTPException(413, detail=too_large(size, settings.max_upload_bytes, "image") + " (VQ_MAX_IMAGE_BYTES)")
+        where = ("VQ_MAX_IMAGE_BYTES" if settings.max_upload_bytes == MAX_IMAGE_BYTES
+                 else "--max-upload-bytes, VQ_GATEWAY_MAX_UPLOAD_BYTES")
+        raise HTTPException(413, detail=too_large(size, settings.max_upload_bytes, "image") + f" ({where})")
     reservation: Reservation | None = getattr(request.state, "reservation", None)
     if reservation is not None:
         reservation.settle(len(data))  # the form's overhead and a chunked body's guess given back

@@ -35,6 +35,10 @@ log = structlog.get_logger("visionqueue.gateway")
 UNAUTHORIZED = "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
 CLASSIFY_PATH = "/v1/classify"
 UPLOAD_PATHS = frozenset({CLASSIFY_PATH, "/v1/jobs", "/v1/explain"})  # rate limit + byte budget
+# An upload without a Content-Length holds this much of the byte budget at first, and grows by it as
+# its body arrives: holding the largest allowed body for each would refuse uploads long before the
+# budget is really spent.
+CHUNKED_STEP = 256 * 1024
 TIMEOUT_MARGIN_S = 5.0  # past the body and request timeouts, before the guard itself gives up
 
 
@@ -132,6 +136,15 @@ class Guard:
                     request_bytes += await self._drain(receive, body_deadline)
                 raise HTTPException(413, detail=too_large(request_bytes, policy.max_body_bytes),
                                     headers={"Connection": "close"})
+            if reservation is not None and request_bytes > reservation.size:
+                # No Content-Length (chunked): the budget holds what has arrived, a step ahead of it.
+                held = policy.budget.grow(reservation, min(policy.max_body_bytes, request_bytes + CHUNKED_STEP))
+                if held is not None:
+                    policy.count("over_budget")
+                    if not body_done:
+                        await self._drain(receive, body_deadline)
+                    raise HTTPException(held.status, detail=held.detail,
+                                        headers={"Connection": "close", "Retry-After": str(held.retry_after_s)})
             return message
 
         headers = _headers(scope)
@@ -196,7 +209,7 @@ class Guard:
                 return refusal(503, "too many requests are waiting for results; retry later, or use /v1/jobs",
                                policy.retry_after_s), None, False
             waiting = True
-        held = policy.budget.reserve(length if length is not None else policy.max_body_bytes)
+        held = policy.budget.reserve(length if length is not None else min(CHUNKED_STEP, policy.max_body_bytes))
         if isinstance(held, Refusal):
             if waiting:
                 policy.waiters.leave()

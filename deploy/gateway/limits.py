@@ -167,16 +167,33 @@ class ByteBudget:
         return self.redis_used + (self.enqueued_total - self._enqueued_at_sample) + self.reading + extra
 
     def reserve(self, size: int) -> Reservation | Refusal:
-        if self.held + size > self.limit_bytes:
-            return Refusal(429, f"the gateway holds {self.held} bytes of frames in flight; {size} more would pass "
-                           f"its budget of {self.limit_bytes} bytes; retry later", self.retry_after_s)
-        limit = self.redis_limit
-        projected = self.redis_projected(size)
-        if limit is not None and projected is not None and projected > limit:
-            return Refusal(503, "the queue's memory is nearly full; retry later", self.retry_after_s)
+        refused = self._refusal(size)
+        if refused is not None:
+            return refused
         reservation = Reservation(self, size)
         self.reading += size
         return reservation
+
+    def grow(self, reservation: Reservation, size: int) -> Refusal | None:
+        """Hold `size` bytes for an upload being read (one sent without a Content-Length grows as it
+        arrives); a Refusal, holding no more, when the extra bytes do not fit."""
+        extra = size - reservation.size
+        if extra <= 0 or reservation.released:
+            return None
+        refused = self._refusal(extra)
+        if refused is None:
+            self._adjust(reservation, size)
+        return refused
+
+    def _refusal(self, extra: int) -> Refusal | None:
+        if self.held + extra > self.limit_bytes:
+            return Refusal(429, f"the gateway holds {self.held} bytes of frames in flight; {extra} more would pass "
+                           f"its budget of {self.limit_bytes} bytes; retry later", self.retry_after_s)
+        limit = self.redis_limit
+        projected = self.redis_projected(extra)
+        if limit is not None and projected is not None and projected > limit:
+            return Refusal(503, "the queue's memory is nearly full; retry later", self.retry_after_s)
+        return None
 
     def track(self, job_id: str, reservation: Reservation) -> None:
         """The frame is in Redis as `job_id`: its bytes stay held until `done(job_id)`."""

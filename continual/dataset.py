@@ -26,11 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from trainer.data import REPLAY, Sample, Split, balanced_subset, load_split, save_split
+from worker.artifact import class_name_problem
 
 from .store import SampleStore, StoredSample
 
 VAL_PCT = 20
+log = structlog.get_logger("continual.dataset")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class UpdateData:
     stations: dict[str, str] = field(default_factory=dict)  # sample path -> station
     new_frame_ids: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (frame id, why): left out, not trained on
 
 
 def _balanced(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
@@ -55,8 +60,9 @@ def _is_val(sha256: str) -> bool:
 
 def build_update_data(run: Path, store: SampleStore, current_classes: list[str], base_split: Path | None,
                       replay: int, seed: int = 0) -> UpdateData:
-    new = store.new_labels()  # frames whose label is doubted (continual.doubt) wait for review
-    earlier = store.used_labels("train")
+    skipped: list[tuple[str, str]] = []
+    new = _usable(store.new_labels(), skipped)  # frames whose label is doubted (continual.doubt) wait for review
+    earlier = _usable(store.used_labels("train"), skipped)
     new_classes = sorted({s.label for s in new if s.label not in current_classes})
     classes = list(current_classes) + new_classes
     index = {name: i for i, name in enumerate(classes)}
@@ -86,7 +92,10 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     new_train = [s for s in new if s.split == "train" and not _is_val(s.sha256)]
     new_val = [s for s in new if s.split == "train" and _is_val(s.sha256)]
     new_hold = [s for s in new if s.split == "holdout"]
-    old_hold = store.used_labels("holdout")
+    old_hold = _usable(store.used_labels("holdout"), skipped)
+    if skipped:
+        log.warning("store samples left out of this update", count=len(skipped),
+                    first=[f"{fid}: {why}" for fid, why in skipped[:5]])
 
     replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
     train = from_store(new_train)
@@ -106,8 +115,32 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
         new_holdout=new_holdout, stations=stations, new_frame_ids=[s.frame_id for s in new],
         counts={"new_labels": len(new), "new_train": len(new_train), "new_val": len(new_val),
                 "new_holdout": len(new_hold), "replay": len(replayed), "val": len(val),
-                "original_holdout": len(original_holdout)},
+                "original_holdout": len(original_holdout), "skipped": len(skipped)},
+        skipped=skipped,
     )
+
+
+def _usable(samples: Sequence[StoredSample], skipped: list[tuple[str, str]]) -> list[StoredSample]:
+    """The samples an update can train or judge on; the rest are added to `skipped` with the reason.
+
+    One bad sample must not stop every scheduled update: a label that cannot name a class (stored
+    before review checked labels), or an image file that is gone or changed since it was stored
+    (its sha256 no longer matches: a disk error, a hand edit).
+    """
+    usable = []
+    for s in samples:
+        problem = class_name_problem(s.label)
+        if problem is None:
+            try:
+                if hashlib.sha256(s.path.read_bytes()).hexdigest() != s.sha256:
+                    problem = f"its image {s.path} changed since it was stored (sha256)"
+            except OSError as exc:
+                problem = f"its image {s.path} cannot be read ({exc.strerror or exc})"
+        if problem is None:
+            usable.append(s)
+        else:
+            skipped.append((s.frame_id, problem))
+    return usable
 
 
 def _link(link: Path, target: Path) -> None:

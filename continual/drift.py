@@ -27,7 +27,8 @@ it: one small window's noise is not a drift. An alarm is a log line
 `--metrics-port` is set, and with `--nudge` a request to the sample feed to capture more from that
 station (`vq:samples:boost`, read by every worker's sample feed: its per-minute quota is multiplied
 by `--boost` for that station for `--boost-minutes`). Exit status (one-shot): 0 no alarm, 1 an
-alarm, 2 nothing to compare (no reference, no frames).
+alarm, 2 nothing to compare (no reference, no frames), 3 the check could not run (Redis unreachable,
+an unknown --version): never an alarm by mistake.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ from typing import Any
 import numpy as np
 import structlog
 from redis import Redis
+from redis.exceptions import RedisError
 
 from worker.drift_stats import BINS, confidence_bin, stations_key, window_key
 from worker.redis_health import connect, is_transient
+from worker.registry import RegistryError
 from worker.sample_feed import BOOST_KEY
 
 log = structlog.get_logger("visionqueue.drift")
 
+EXIT_NOT_RUN = 3
 PSI_MODERATE, PSI_SIGNIFICANT = 0.10, 0.25
 PSI_BINS = 10
 ALPHA = 0.01
@@ -291,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
         except Exception as exc:
             # As a service (--every) it rides through Redis outages: the next check tries again.
+            if args.every is None and isinstance(exc, RedisError | RegistryError):
+                print(f"error: the drift check could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return EXIT_NOT_RUN  # 1 would read as an alarm to whoever schedules this
             if args.every is None or not is_transient(exc):
                 raise
             log.warning("drift check skipped: redis unavailable", error=f"{type(exc).__name__}: {exc}")

@@ -42,7 +42,7 @@ import numpy as np
 import structlog
 from redis import Redis
 
-from worker.artifact import MAX_CLASS_NAME, read_manifest
+from worker.artifact import class_name_problem, read_manifest
 
 log = structlog.get_logger("visionqueue.fewshot")
 
@@ -162,9 +162,9 @@ def check_class_name(name: str, known: Sequence[str]) -> None:
     if name in known:
         raise FewShotError(f"class {name!r} already exists in the current model ({', '.join(known)}); "
                            "pick a new name, or label its frames for a full `continual.update`")
-    if not name or len(name) > MAX_CLASS_NAME or not name.isprintable() or name.startswith((".", "_")) or "/" in name:
-        raise FewShotError(f"class name {name[:80]!r} must be printable, at most {MAX_CLASS_NAME} characters, "
-                           "without '/' and not starting with '.' or '_'")
+    problem = class_name_problem(name)
+    if problem:
+        raise FewShotError(problem)
 
 
 @dataclass
@@ -353,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         conn = connect(args.redis_url or (shards.primary_url if shards else None),
                        socket_timeout=REDIS_SOCKET_TIMEOUT_S)
         health = RedisHealth(redis_outage_s(), what="redis (fewshot)")
-    except SettingsError as exc:
+    except SettingsError as exc:  # refused input, as the docstring says: not an error of the run
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return EXIT_REJECTED
     # The update lock: a full update publishing meanwhile would lose this class (or this would lose its work).
     lock = UpdateLock(conn, args.lock_ttl, health)
     try:

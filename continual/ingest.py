@@ -32,6 +32,7 @@ deleted ids, or an entry read back without fields). So `added == ingested + dele
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -45,7 +46,7 @@ import structlog
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from worker.frames import FrameError, image_format
+from worker.frames import FrameError, check_frame_id, image_format
 from worker.redis_health import RedisHealth, RedisOutageError, connect, is_transient
 from worker.sample_feed import SAMPLES_COUNTS, SAMPLES_STREAM
 from worker.shards import ShardMap, shard_map
@@ -91,24 +92,33 @@ def ensure_group(conn: Redis, stream: str = SAMPLES_STREAM, group: str = GROUP) 
 
 
 def _row(fields: dict[bytes, bytes], store: SampleStore) -> dict[str, Any]:
+    """A store row from one stream entry, checked as untrusted (anyone with the worker's ACL can XADD):
+    a missing or invalid frame id (it becomes a file name in review exports) or a number that is not
+    finite raises, and the entry counts as bad. The image is stored only once the rest has passed."""
     f = {k.decode(): v for k, v in fields.items()}
     image = f["image"]
     ext = "jpg" if image_format(image) == "jpeg" else "png"
-    sha = store.put_image(image, ext)
 
     def text(key: str) -> str | None:
         return f[key].decode() if key in f else None
 
     def num(key: str) -> float | None:
-        return float(f[key]) if key in f else None
+        if key not in f:
+            return None
+        value = float(f[key])
+        if not math.isfinite(value):  # NaN would reach SQLite as NULL, and INSERT OR IGNORE drop the row
+            raise ValueError(f"{key}={value} is not a finite number")
+        return value
 
-    return {
-        "frame_id": text("frame_id"), "sha256": sha, "ext": ext, "station": text("station") or "",
+    row = {
+        "frame_id": check_frame_id(text("frame_id")), "ext": ext, "station": text("station") or "",
         "ts": num("ts") or 0.0, "captured_at": num("captured_at"), "predicted": text("label"),
         "confidence": num("confidence"), "probs": text("probs"), "classes": text("classes"),
         "model_version": text("model_version"), "strategy": text("strategy"), "score": num("score"),
         "meta": text("meta") or json.dumps({}),
     }
+    row["sha256"] = store.put_image(image, ext)
+    return row
 
 
 def ingest(conn: Redis, store: SampleStore, batch: int = 256, stop_after: int | None = None,

@@ -24,8 +24,11 @@ Import conflicts (a frame in two class folders or two tasks with different label
 frame a published version already used) are not applied: they are listed on stderr and in
 DIR/_conflicts.json (FILE.conflicts.json beside a Label Studio export); the other labels are imported.
 
+A label that cannot name a class (empty, spaces around it, a '/', starting with '.' or '_', over 100
+characters, not text) is a conflict too: it would become a head output and a folder name.
+
 Exit status: 0 done, 3 imported with conflicts (see the conflicts file), 2 the source does not exist
-(export: DIR is not under --document-root).
+or is not a folders tree or Label Studio export (export: DIR is not under --document-root).
 """
 
 from __future__ import annotations
@@ -39,9 +42,17 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.sax.saxutils import quoteattr
 
+from worker.artifact import class_name_problem
+from worker.frames import FrameError, check_frame_id
+
 from .store import SampleStore, StoredSample
 
+
+class ReviewError(ValueError):
+    """An import source that cannot be read as labels; the message names the file and what is wrong."""
+
 UNLABELED = "_unlabeled"
+EXIT_BAD_SOURCE = 2
 LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's local-files serving endpoint
 EXIT_CONFLICTS = 3
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
@@ -168,24 +179,41 @@ def read_labelstudio(path: Path) -> dict[str, list[str]]:
     .value.choices`) and JSON_MIN (flat rows, one per annotation: the data fields beside `label`, the
     choice; two annotators who disagree there are a conflict). A task without
     `frame_id` (one the server made itself by syncing the image storage) is mapped by its image's file name."""
+    try:
+        # utf-8-sig: an export saved again by a Windows editor starts with a byte order mark
+        tasks = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReviewError(f"{path} is not a Label Studio JSON or JSON_MIN export: {exc}") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ReviewError(f"{path} is not a Label Studio JSON or JSON_MIN export: expected a list of tasks "
+                          "(objects), as Label Studio's Export writes")
     labels: dict[str, list[str]] = {}
-    for task in json.loads(path.read_text()):
-        if "data" in task or "annotations" in task:
-            data = task.get("data") or {}
-            annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-            # Export order is not edit order: a task re-annotated later may list its older annotation last.
-            annotations.sort(key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
-            given = [c for item in (annotations[-1].get("result", []) if annotations else [])
-                     for c in ((item.get("value") or {}).get("choices") or [])[:1]]
-        else:  # JSON_MIN: one annotation per row, a single choice as a string, several as {"choices": [...]}
-            data = task
-            choice = task.get("label")
-            given = [choice] if isinstance(choice, str) else list((choice or {}).get("choices") or [])[:1]
-        frame_id = data.get("frame_id") or _frame_id_from_url(data.get("image"))
+    for number, task in enumerate(tasks):
+        try:
+            frame_id, given = _task_labels(task)
+        except (AttributeError, TypeError) as exc:  # a field of the wrong shape somewhere in the task
+            raise ReviewError(f"{path}: task {number} is not shaped as Label Studio writes it ({exc})") from None
         for label in given if frame_id else []:
             if label not in labels.get(frame_id, []):
                 labels.setdefault(frame_id, []).append(label)
     return labels
+
+
+def _task_labels(task: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    """(frame id, the labels given) of one exported task; the labels as found, checked by the import."""
+    if "data" in task or "annotations" in task:
+        data = task.get("data") or {}
+        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        # Export order is not edit order: a task re-annotated later may list its older annotation last.
+        annotations.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id") or 0)))
+        given = [c for item in (annotations[-1].get("result", []) if annotations else [])
+                 for c in ((item.get("value") or {}).get("choices") or [])[:1]]
+    else:  # JSON_MIN: one annotation per row, a single choice as a string, several as {"choices": [...]}
+        data = task
+        choice = task.get("label")
+        given = [choice] if not isinstance(choice, dict | type(None)) else list((choice or {}).get("choices") or [])[:1]
+    frame_id = data.get("frame_id") or _frame_id_from_url(data.get("image"))
+    return (frame_id if isinstance(frame_id, str) else None), given
 
 
 def _frame_id_from_url(url: Any) -> str | None:
@@ -218,8 +246,12 @@ def import_labels(store: SampleStore, source: Path, label_source: str | None = N
     unchanged = 0
     for fid, labels in given.items():
         sample = store.get(fid)
+        bad = [problem for problem in map(class_name_problem, labels) if problem]
         if sample is None:
             unknown.append(fid)
+        elif bad:  # it would become a class (a head output, a folder name): refused here, not at publish
+            conflicts.append({"frame_id": fid, "kind": "bad_label", "labels": [str(x) for x in labels],
+                              "current": sample.label, "reason": bad[0]})
         elif labels == [sample.label] and fid not in doubted:
             unchanged += 1  # re-imported as it was: nothing to record (the same label on a doubt confirms it)
         elif len(labels) > 1:
@@ -312,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             classes = a.classes.split(",") if a.classes else _known_classes(store)
             # A doubted label may name a class the model does not know yet: give it its folder too.
             classes += sorted({n["label"] for n in notes.values()} - set(classes))
+            # Ids and class names become file and folder names under --out: one from an older store that
+            # no longer passes (a planted stream entry) is left out, never written outside --out.
+            unsafe = [s.frame_id for s in samples if not _is_frame_id(s.frame_id)]
+            unsafe += [name for name in classes if class_name_problem(name)]
+            if unsafe:
+                print(f"warning: left out of the export, not a frame id or class name: {unsafe[:5]}", file=sys.stderr)
+                samples = [s for s in samples if _is_frame_id(s.frame_id)]
+                classes = [name for name in classes if not class_name_problem(name)]
             out = Path(a.out)
             heatmaps = None
             if a.heatmaps:
@@ -336,20 +376,40 @@ def main(argv: list[str] | None = None) -> int:
             if not source.exists():
                 print(f"error: {source} does not exist", file=sys.stderr)
                 return 2
-            result = import_labels(store, source, a.source_name)
+            try:
+                result = import_labels(store, source, a.source_name)
+            except ReviewError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_BAD_SOURCE
             conflicts = result.pop("conflict_list")
             print(json.dumps(result))
+            if result["labels_read"] and len(result["unknown_frames"]) == result["labels_read"]:
+                print(f"warning: none of the {result['labels_read']} labelled frames is in the store at "
+                      f"{store.root}: is it the store the export came from (--store)?", file=sys.stderr)
             for hint in fewshot_hints(store, result["classes"], source, a.min_new_labels):
                 print(hint, file=sys.stderr)
             if conflicts:
                 print(f"{len(conflicts)} conflicting frames were not labelled (details: {result['conflicts_file']}):",
                       file=sys.stderr)
+                places = "tasks" if source.is_file() else "folders"
                 for c in conflicts[:20]:
-                    why = (f"in several folders: {', '.join(c['labels'])}" if c["kind"] == "several_labels" else
-                           f"already used by {c['used_in']} as {c['current']!r}; new label {c['labels'][0]!r}")
+                    if c["kind"] == "several_labels":
+                        why = f"in several {places}: {', '.join(c['labels'])}"
+                    elif c["kind"] == "used_in_training":
+                        why = f"already used by {c['used_in']} as {c['current']!r}; new label {c['labels'][0]!r}"
+                    else:
+                        why = c["reason"]
                     print(f"  conflict: {c['frame_id']} {why}", file=sys.stderr)
                 return EXIT_CONFLICTS
     return 0
+
+
+def _is_frame_id(value: object) -> bool:
+    try:
+        check_frame_id(value)
+    except FrameError:
+        return False
+    return True
 
 
 def _known_classes(store: SampleStore) -> list[str]:

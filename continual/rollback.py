@@ -1,9 +1,15 @@
-"""`python -m continual.rollback [--to VERSION]`: move the registry's `current` back; workers follow."""
+"""`python -m continual.rollback [--to VERSION]`: move the registry's `current` back; workers follow.
+
+Exit status: 0 done; 2 no version to roll back to, or one whose manifest or files are gone; 3 Redis
+unreachable or refusing our credentials.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from redis.exceptions import RedisError
 
 from worker.redis_health import connect
 from worker.registry import ModelRegistry, RegistryError
@@ -21,14 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        before = registry.current()
-    except RegistryError as exc:  # a planted `current`: still repairable with --to
-        before = f"(invalid: {exc})"
-    try:
+        try:
+            before = registry.current()
+        except RegistryError as exc:  # a planted `current`: still repairable with --to
+            before = f"(invalid: {exc})"
         after = registry.rollback(a.to)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:
+        print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
     print(f"current model: {before} -> {after}")
     return 0
 

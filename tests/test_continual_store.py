@@ -245,3 +245,49 @@ def test_labelstudio_tasks_disagreeing_on_a_frame_are_a_conflict(tmp_path):
         assert result["updated"] == 1 and result["conflicts"] == 1
         assert (tmp_path / "export.conflicts.json").exists()
         assert store.get("f0").label is None and store.get("f1").label == "stain"
+
+
+# -- what a new user may feed the loop ------------------------------------------------------------
+
+def test_labels_that_cannot_name_a_class_are_refused_at_import(tmp_path, capsys):
+    with SampleStore(tmp_path / "store") as store:
+        add_rows(store, 6)
+        bad = ["", " ok ", "x" * 150, "_unlabeled", "../x"]
+        rows = [{"frame_id": f"f{i}", "label": lab} for i, lab in enumerate(bad)]
+        rows.append({"frame_id": "f5", "label": {"choices": [7]}})  # JSON_MIN, a number chosen
+        export = tmp_path / "min.json"
+        export.write_text(json.dumps(rows))
+        code = review.main(["--store", str(tmp_path / "store"), "import", str(export)])
+        assert code == review.EXIT_CONFLICTS
+        assert all(store.get(f"f{i}").label is None for i in range(6))
+        err = capsys.readouterr().err
+        assert err.count("must be printable") == 5 and "is not text" in err
+
+
+def test_a_file_that_is_not_a_label_studio_export_is_named_in_one_line(tmp_path, capsys):
+    store_dir = str(tmp_path / "store")
+    with SampleStore(store_dir) as store:
+        add_rows(store, 1)
+    for name, text in (("obj.json", '{"a": 1}'), ("cut.json", '[{"data": '), ("empty.json", ""),
+                       ("scalars.json", '[1, "x", null]'), ("labels.csv", "f0,ok\n"),
+                       ("shape.json", '[{"annotations": [{"result": [5]}]}]')):
+        (tmp_path / name).write_text(text)
+        assert review.main(["--store", store_dir, "import", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}") and "Traceback" not in err, err
+    # A byte order mark, as a Windows editor saves it, is read as Label Studio's export.
+    (tmp_path / "bom.json").write_text('[{"frame_id": "f0", "label": "ok"}]', encoding="utf-8-sig")
+    assert review.main(["--store", store_dir, "import", str(tmp_path / "bom.json")]) == 0
+
+
+def test_ingest_counts_an_entry_with_a_bad_id_or_number_as_bad_and_stores_no_image(tmp_path, redis_conn):
+    [good] = push_samples(redis_conn, 1)
+    fields = redis_conn.xrange(SAMPLES_STREAM)[0][1]
+    for change in ({b"ts": b"nan"}, {b"frame_id": b"../../escaped"}, {b"confidence": b"inf"}):
+        redis_conn.xadd(SAMPLES_STREAM, {**fields, **change})
+    missing = {k: v for k, v in fields.items() if k != b"frame_id"}
+    redis_conn.xadd(SAMPLES_STREAM, missing)
+    with SampleStore(tmp_path / "store") as store:
+        assert ingest(redis_conn, store) == {"added": 1, "acked": 5, "bad": 4, "deleted": 0}
+        assert [s.frame_id for s in store.samples()] == [good["id"]]
+        assert len(list((tmp_path / "store" / "images").rglob("*.*"))) == 1  # no orphaned image

@@ -8,9 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import CLASSES
+from helpers import CLASSES, jpeg
 
 from continual import update as update_cli
+from continual.dataset import build_update_data
 from continual.rollback import main as rollback_main
 from continual.store import SampleStore
 from deploy.simulated_reviewer import review
@@ -148,3 +149,16 @@ def test_the_evaluation_score_reads_images_given_relative_to_the_working_directo
     assert images and not images[0][0].is_absolute()
     scores = score_eval(base_run / "artifact", {"colours": images})
     assert 0.0 <= scores["colours"] <= 1.0
+
+
+def test_a_bad_stored_sample_is_left_out_of_an_update_not_fatal_to_it(tmp_path):
+    with SampleStore(tmp_path / "store") as store:
+        rows = [{"frame_id": f"f{i}", "sha256": store.put_image(jpeg(16, 16, seed=i), "jpg"), "ext": "jpg",
+                 "station": "cam", "ts": float(i), "split": "train"} for i in range(4)]
+        store.add(rows)
+        store.set_labels({"f0": "ok", "f1": "dent", "f2": "ok", "f3": " ok "}, "test")  # f3: stored before checks
+        store.get("f1").path.write_bytes(b"junk")  # a disk error, a hand edit
+        data = build_update_data(tmp_path / "run", store, ["ok", "dent"], None, replay=0)
+    assert sorted(fid for fid, _ in data.skipped) == ["f1", "f3"]
+    assert data.counts["skipped"] == 2 and data.new_classes == [] and data.counts["new_labels"] == 2
+    assert "changed since it was stored" in dict(data.skipped)["f1"]

@@ -140,3 +140,12 @@ def test_an_alarm_needs_confirm_checks_in_a_row_and_one_quiet_check_clears_it() 
     assert [r.station for r in new] == ["b"] and [r.station for r in cleared] == ["a"]
     assert alarms.raised == {"b"}
     assert [r.station for r in Alarms(confirm=1).update([row("c", True)])[0]] == ["c"]
+
+
+def test_a_check_that_could_not_run_is_not_an_alarm(redis_url, capsys):
+    from worker.redis_server import free_port
+
+    assert drift.main(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == drift.EXIT_NOT_RUN
+    assert drift.main(["--redis-url", redis_url, "--version", "no-such-version"]) == drift.EXIT_NOT_RUN
+    err = capsys.readouterr().err
+    assert err.count("error: the drift check could not run") == 2 and "Traceback" not in err

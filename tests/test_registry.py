@@ -356,3 +356,20 @@ def test_worker_starts_on_the_previous_version_when_current_is_absurd(tmp_path, 
         assert (samples / "frame.jpg").read_bytes() == b"a captured frame"
     finally:
         stop_worker(proc)
+
+
+def test_a_version_that_lost_its_files_is_never_made_current(tmp_path, redis_conn):
+    reg = ModelRegistry(redis_conn)
+    first = reg.publish(tiny_artifact(tmp_path / "a"))
+    second = reg.publish(tiny_artifact(tmp_path / "b"))
+    assert reg.current() == second
+    redis_conn.delete(f"vq:models:v:{first}:float")  # evicted, a partial restore, a hand-made mistake
+    with pytest.raises(RegistryError, match=r"cannot be made current: its weights\.safetensors is gone"):
+        reg.promote(first)
+    with pytest.raises(RegistryError, match="no earlier promoted version"):
+        reg.rollback()
+    assert reg.current() == second and reg.history()[0] == second
+    redis_conn.delete(f"vq:models:v:{first}:manifest")
+    with pytest.raises(RegistryError, match="its manifest"):
+        reg.rollback(first)
+    assert reg.rollback(second) == second and reg.history()[0] == second  # to itself: history kept

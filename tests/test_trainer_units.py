@@ -218,3 +218,16 @@ def test_temperature_stays_bounded_on_a_perfectly_separated_split() -> None:
     logits = np.eye(3)[labels] * 6.0  # every prediction right: NLL keeps falling as T -> 0
     t = fit_temperature(logits, labels)
     assert t == pytest.approx(0.2, rel=0.02)
+
+
+def test_the_trainer_commands_refuse_a_missing_run_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for command, *extra in (("trainer.evaluate",), ("trainer.quantize",), ("trainer.explain", "--pointing-game")):
+        done = subprocess.run([sys.executable, "-m", command, "--run", str(tmp_path / "nope"), *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.strip().startswith("error:") and "Traceback" not in done.stderr, (command, done.stderr)

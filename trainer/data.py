@@ -117,7 +117,7 @@ def scan_folder(root: Path | str, class_names: Sequence[str] | None = None) -> S
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
+        raise DataError(f"data folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     folders = list_classes(root)
     if class_names is None:
         classes = folders

@@ -72,6 +72,18 @@ GENERATED_VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a new class (a label from review, a few-shot class), or None. Stricter than
+    what a manifest may hold: a label becomes a folder name in review exports and a line in reports."""
+    if not isinstance(name, str):
+        return f"class name {str(name)[:40]!r} is not text"
+    if not name or len(name) > MAX_CLASS_NAME or not name.isprintable() or name != name.strip() \
+            or name.startswith((".", "_")) or "/" in name or "\\" in name:
+        return (f"class name {name[:80]!r} must be printable, at most {MAX_CLASS_NAME} characters, without '/', "
+                "'\\' or spaces around it, and not start with '.' or '_'")
+    return None
+
+
 class ArtifactError(ValueError):
     """An artifact that must not be served: wrong checksum, missing file, inconsistent manifest."""
 

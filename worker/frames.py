@@ -106,9 +106,7 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
         raise FrameError(f"frame has unknown fields: {', '.join(sorted(unknown)[:5])}")
     if type(frame["v"]) is not int or frame["v"] != FRAME_VERSION:
         raise FrameError(f"frame version {_show(frame['v'])} is not supported (this worker reads v{FRAME_VERSION})")
-    if not isinstance(frame["id"], str) or not _ID_RE.fullmatch(frame["id"]):
-        raise FrameError(f"frame id {_show(frame['id'])} is not 1..{MAX_ID_LEN} letters, digits, '_' or '-' "
-                         "(starting with a letter or digit)")
+    check_frame_id(frame["id"])
     check_station(frame["station"])
     _check_number("ts", frame["ts"], 0.0, MAX_TS, "unix seconds")
     seq = frame["seq"]
@@ -137,6 +135,15 @@ def validate_frame(frame: Any, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> dic
         )
     image_format(image)
     return frame
+
+
+def check_frame_id(frame_id: Any) -> str:
+    """`frame_id` when it is a valid frame id (it names the RQ job, a stored sample, an exported file);
+    FrameError otherwise."""
+    if not isinstance(frame_id, str) or not _ID_RE.fullmatch(frame_id):
+        raise FrameError(f"frame id {_show(frame_id)} is not 1..{MAX_ID_LEN} letters, digits, '_' or '-' "
+                         "(starting with a letter or digit)")
+    return frame_id
 
 
 def job_id_text(raw: bytes | str) -> str | None:

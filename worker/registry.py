@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from .artifact import (
     DATA_FILES,
@@ -210,10 +211,14 @@ class ModelRegistry:
         return version
 
     def promote(self, version: str) -> None:
-        """Point `current` at `version` and tell every worker."""
+        """Point `current` at `version` and tell every worker; RegistryError, current unchanged, when the
+        version is not listed or has lost its manifest or a file (no worker could load it)."""
         version = _valid(version)
         if self.conn.zscore(self.versions_key, version) is None:
             raise RegistryError(f"version {version} is not in the registry (see `python -m worker.registry list`)")
+        problem = self.unservable(version)
+        if problem:
+            raise RegistryError(f"version {version} cannot be made current: {problem}")
         with self.conn.pipeline() as pipe:
             pipe.set(self.current_key, version)
             pipe.lrem(self.history_key, 0, version)
@@ -230,15 +235,31 @@ class ModelRegistry:
             to = _valid(to)
         current = self._current_or_none()
         if to is None:
-            earlier = [v for v in self.history() if v != current and self.exists(v)]
+            earlier = [v for v in self.history() if v != current and self.exists(v) and not self.unservable(v)]
             if not earlier:
-                raise RegistryError("no earlier promoted version to roll back to")
+                raise RegistryError("no earlier promoted version to roll back to (one whose manifest and files "
+                                    "are all still in the registry)")
             to = earlier[0]
         self.promote(to)
-        # The rolled-back version must not be the next rollback target.
-        if current:
+        # The rolled-back version must not be the next rollback target (unless it was the target itself).
+        if current and current != to:
             self.conn.lrem(self.history_key, 0, current)
         return to
+
+    def unservable(self, version: str) -> str | None:
+        """Why no worker could load `version` from the registry (its manifest or a file it lists is gone or
+        unreadable), or None. Checks presence, not content: a worker verifies every checksum as it loads."""
+        try:
+            manifest = self.manifest(version)
+        except (RegistryError, ArtifactError) as exc:
+            return f"its manifest: {exc}"
+        names = list(manifest.get("files") or {})
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self._file_key(version, name))
+            present = pipe.execute()
+        missing = [name for name, here in zip(names, present, strict=True) if not here]
+        return f"its {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} gone from Redis" if missing else None
 
     def prune(self) -> list[str]:
         """Delete the oldest versions beyond `keep`, never the current one or its predecessor."""
@@ -447,8 +468,6 @@ def mirror_shards(shards: Any, keep: int | None = None) -> list[dict[str, Any]]:
 
     One report per replica; a replica that cannot be reached gets `error` and the others go on.
     """
-    from redis.exceptions import RedisError
-
     from .redis_health import mask_url
     from .shards import PRIMARY
 
@@ -564,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, ArtifactError, SigningError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:  # unreachable, refused credentials, a fault that outlasted the call
+        print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

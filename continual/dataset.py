@@ -61,8 +61,10 @@ def _is_val(sha256: str) -> bool:
 def build_update_data(run: Path, store: SampleStore, current_classes: list[str], base_split: Path | None,
                       replay: int, seed: int = 0) -> UpdateData:
     skipped: list[tuple[str, str]] = []
-    new = _usable(store.new_labels(), skipped)  # frames whose label is doubted (continual.doubt) wait for review
-    earlier = _usable(store.used_labels("train"), skipped)
+    known = set(current_classes)
+    new = _usable(store.new_labels(), known, skipped)  # doubted labels (continual.doubt) wait for review
+    # The replay pool is large and only a draw of it is read: its files are checked when drawn (below).
+    earlier = _usable(store.used_labels("train"), known, skipped, read=False)
     new_classes = sorted({s.label for s in new if s.label not in current_classes})
     classes = list(current_classes) + new_classes
     index = {name: i for i, name in enumerate(classes)}
@@ -92,14 +94,17 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     new_train = [s for s in new if s.split == "train" and not _is_val(s.sha256)]
     new_val = [s for s in new if s.split == "train" and _is_val(s.sha256)]
     new_hold = [s for s in new if s.split == "holdout"]
-    old_hold = _usable(store.used_labels("holdout"), skipped)
-    if skipped:
-        log.warning("store samples left out of this update", count=len(skipped),
-                    first=[f"{fid}: {why}" for fid, why in skipped[:5]])
+    old_hold = _usable(store.used_labels("holdout"), known, skipped)
 
     replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
     train = from_store(new_train)
+    drawn = {f"store/{s.path.relative_to(store.root / 'images').as_posix()}": s for s in earlier}
     replayed = _balanced(replay_pool, replay, seed)
+    fine = {id(s) for s in _usable([drawn[r.path] for r in replayed if r.path in drawn], known, skipped)}
+    replayed = [r for r in replayed if r.path not in drawn or id(drawn[r.path]) in fine]
+    if skipped:
+        log.warning("store samples left out of this update", count=len(skipped),
+                    first=[f"{fid}: {why}" for fid, why in skipped[:5]])
     base_val = from_base(base["val"]) if base else []
     val_slice = _balanced(base_val, max(len(new_val), 64), seed)  # empty without a base split
     val = from_store(new_val) + val_slice
@@ -120,17 +125,21 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
     )
 
 
-def _usable(samples: Sequence[StoredSample], skipped: list[tuple[str, str]]) -> list[StoredSample]:
+def _usable(samples: Sequence[StoredSample], known: set[str], skipped: list[tuple[str, str]],
+            read: bool = True) -> list[StoredSample]:
     """The samples an update can train or judge on; the rest are added to `skipped` with the reason.
 
-    One bad sample must not stop every scheduled update: a label that cannot name a class (stored
-    before review checked labels), or an image file that is gone or changed since it was stored
-    (its sha256 no longer matches: a disk error, a hand edit).
+    One bad sample must not stop every scheduled update: a new label that cannot name a class (stored
+    before review checked labels; the model's own classes pass whatever their names), or an image file
+    that is gone, or (`read`) changed since it was stored: its sha256 no longer matches (a disk error,
+    a hand edit).
     """
     usable = []
     for s in samples:
-        problem = class_name_problem(s.label)
-        if problem is None:
+        problem = None if s.label in known else class_name_problem(s.label)
+        if problem is None and not read and not s.path.is_file():
+            problem = f"its image {s.path} is gone"
+        elif problem is None and read:
             try:
                 if hashlib.sha256(s.path.read_bytes()).hexdigest() != s.sha256:
                     problem = f"its image {s.path} changed since it was stored (sha256)"

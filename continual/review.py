@@ -243,10 +243,13 @@ def import_labels(store: SampleStore, source: Path, label_source: str | None = N
     unknown: list[str] = []
     conflicts: list[dict[str, Any]] = []
     doubted = {d.frame_id for d in store.doubts()}
+    known = set(_known_classes(store))
     unchanged = 0
     for fid, labels in given.items():
         sample = store.get(fid)
-        bad = [problem for problem in map(class_name_problem, labels) if problem]
+        # A label naming one of the model's classes is fine whatever its name (a manifest may hold
+        # `_background`); a new one must pass the rule for new classes.
+        bad = [problem for label in labels if label not in known and (problem := class_name_problem(label))]
         if sample is None:
             unknown.append(fid)
         elif bad:  # it would become a class (a head output, a folder name): refused here, not at publish
@@ -347,11 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             # Ids and class names become file and folder names under --out: one from an older store that
             # no longer passes (a planted stream entry) is left out, never written outside --out.
             unsafe = [s.frame_id for s in samples if not _is_frame_id(s.frame_id)]
-            unsafe += [name for name in classes if class_name_problem(name)]
+            unsafe += [name for name in classes if not _is_folder_name(name)]
             if unsafe:
                 print(f"warning: left out of the export, not a frame id or class name: {unsafe[:5]}", file=sys.stderr)
                 samples = [s for s in samples if _is_frame_id(s.frame_id)]
-                classes = [name for name in classes if not class_name_problem(name)]
+                classes = [name for name in classes if _is_folder_name(name)]
             out = Path(a.out)
             heatmaps = None
             if a.heatmaps:
@@ -402,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  conflict: {c['frame_id']} {why}", file=sys.stderr)
                 return EXIT_CONFLICTS
     return 0
+
+
+def _is_folder_name(name: str) -> bool:
+    """A class name that is one folder under --out (never a path: `..`, `a/b`)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def _is_frame_id(value: object) -> bool:

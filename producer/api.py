@@ -39,7 +39,7 @@ from redis import Redis
 from redis.exceptions import RedisError, WatchError
 
 from worker.frames import check_deadline, check_station, make_frame
-from worker.jobs import QUEUE_NAME, RESULT_TTL, FrameJob, FrameQueue, enqueue_frames
+from worker.jobs import MAX_TTL_S, QUEUE_NAME, RESULT_TTL, FrameJob, FrameQueue, enqueue_frames
 from worker.redis_health import RedisHealth, RedisOutageError, is_transient
 from worker.shards import ShardMap
 
@@ -86,8 +86,10 @@ class Producer:
             deadline_s = check_deadline(deadline_s)
         if max_outage_s is not None and not max_outage_s > 0:
             raise ValueError(f"max_outage_s must be positive, got {max_outage_s}")
-        if isinstance(result_ttl, bool) or not isinstance(result_ttl, int) or not (result_ttl > 0 or result_ttl == -1):
-            raise ValueError(f"result_ttl must be a positive whole number of seconds (-1: keep), got {result_ttl!r}")
+        if isinstance(result_ttl, bool) or not isinstance(result_ttl, int) \
+                or not (0 < result_ttl <= MAX_TTL_S or result_ttl == -1):
+            raise ValueError(f"result_ttl must be a whole number of seconds in 1..{MAX_TTL_S} (-1: keep), "
+                             f"got {result_ttl!r}")
         if not isinstance(queue_name, str) or not queue_name:
             raise ValueError(f"queue_name must be a non-empty string, got {queue_name!r}")
         if max_pending is not None and (isinstance(max_pending, bool) or not isinstance(max_pending, int)

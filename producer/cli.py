@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from worker.jobs import RESULT_TTL
+from worker.jobs import MAX_TTL_S, RESULT_TTL
 
 from .connection import DEFAULT_REDIS_URL
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workers skip a frame older than this; its job expires from Redis after ceil(SEC)")
     camera.add_argument("--max-pending", type=_positive(int), metavar="N",
                         help="skip frames while N frames of this station are unfinished")
-    camera.add_argument("--result-ttl", type=_positive(int), default=RESULT_TTL, metavar="SEC",
+    camera.add_argument("--result-ttl", type=_positive(int, MAX_TTL_S), default=RESULT_TTL, metavar="SEC",
                         help=f"how long each frame's job and result stay in Redis (default: {RESULT_TTL}); at "
                              "line speed this sizes Redis memory (see \"Past one Redis\" in the README)")
     camera.add_argument("--loop", action="store_true", help="restart a video file at its end")

@@ -291,3 +291,12 @@ def test_ingest_counts_an_entry_with_a_bad_id_or_number_as_bad_and_stores_no_ima
         assert ingest(redis_conn, store) == {"added": 1, "acked": 5, "bad": 4, "deleted": 0}
         assert [s.frame_id for s in store.samples()] == [good["id"]]
         assert len(list((tmp_path / "store" / "images").rglob("*.*"))) == 1  # no orphaned image
+
+
+def test_a_label_naming_one_of_the_models_classes_is_fine_whatever_its_name(tmp_path):
+    with SampleStore(tmp_path / "store") as store:
+        store.add([{"frame_id": "f0", "sha256": store.put_image(jpeg(16, 16), "jpg"), "ext": "jpg", "station": "cam",
+                    "ts": 0.0, "classes": json.dumps(["_background", "ok"])}])
+        export = tmp_path / "min.json"
+        export.write_text(json.dumps([{"frame_id": "f0", "label": "_background"}]))
+        assert import_labels(store, export)["updated"] == 1 and store.get("f0").label == "_background"

@@ -513,6 +513,9 @@ def test_a_read_does_not_end_an_outage_of_refused_writes_but_ends_one_of_a_lost_
         health.failed(rex.ReadOnlyError("You can't write against a read only replica."))
         health.succeeded(wrote=False)  # a GET still works on a read-only server
         assert not health.up
+        health.failed(rex.ConnectionError("Connection reset"))  # a connection lost inside the window
+        health.succeeded(wrote=False)
+        assert not health.up
         health.succeeded()
         assert health.up
         health.failed(rex.ConnectionError("Connection refused"))

@@ -204,7 +204,8 @@ def test_an_oversized_job_hash_is_claimed_with_its_defect_and_never_fetched(redi
     [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
     assert job.defects == ["job hash field description is 70000 bytes (limit 65536)"]
     assert job.data == b""
-    assert job.failure_ttl == FAILURE_TTL  # its own cannot be read; not RQ's default of a year
+    # Its own failure_ttl cannot be read: ours bounds how long its (maybe huge) hash stays, not RQ's year.
+    assert rq.Record.failure(job, "e", "0", "defect", None).ttl == FAILURE_TTL
 
 
 @pytest.mark.parametrize("value", [b"99999999999999999999", b"-5", b"ten"])
@@ -315,19 +316,26 @@ def test_leases_are_renewed_only_where_they_still_exist(redis_conn):
     assert redis_conn.zscore(started.key, f"{b.id}:{eb}") is None
 
 
-def test_a_dead_namesake_is_marked_dead_so_a_restart_under_its_name_registers(redis_conn):
-    from datetime import timedelta
+def test_a_late_retry_of_a_claim_does_not_take_back_what_recovery_gave_another_worker(redis_conn):
+    queue, [job_id] = _queue(redis_conn, 1)
+    token = rq.claim_token()
+    [(_, eid)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer, token).claimed
+    # w1's reply is lost and its retry comes late: meanwhile its lease ran out, recovery put the frame
+    # back, and w2 claimed it.
+    rq.record_batch(redis_conn, queue, "w1", [rq.Record.rescue(job_id, eid)], stream=RESULTS_STREAM,
+                    stream_maxlen=1000)
+    assert len(rq.claim_batch(redis_conn, queue, "w2", [], 1, 30, MsgpackSerializer).claimed) == 1
+    late = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer, token)
+    assert late.claimed == [] and late.duplicates == 1  # not run a second time by w1
+    assert _fetch(redis_conn, job_id).worker_name == "w2"
+    redis_conn.set("rq:worker:w3:vq-claim", "planted")  # not a hash: cleared, never a stopped worker
+    assert rq.claim_batch(redis_conn, queue, "w3", [], 1, 30, MsgpackSerializer).claimed == []
 
-    from rq.utils import now, utcformat
 
+def test_an_unreadable_job_with_a_long_id_is_failed_under_its_whole_id(redis_conn):
     queue = FrameQueue(connection=redis_conn)
-    old = Worker([queue], name="w-named", connection=redis_conn)
-    old.register_birth()
-    fresh = Worker([queue], name="w-named", connection=redis_conn)
-    assert not rq.clear_dead_namesake(redis_conn, fresh.key, 30)  # it beat just now: alive, left alone
-    with pytest.raises(ValueError, match="active worker named"):
-        fresh.register_birth()
-    redis_conn.hset(old.key, "last_heartbeat", utcformat(now() - timedelta(seconds=31)))
-    assert rq.clear_dead_namesake(redis_conn, fresh.key, 30)
-    fresh.register_birth()
-    assert redis_conn.hget(fresh.key, "death") is None and fresh.name in {w.name for w in Worker.all(queue=queue)}
+    long_id = "x" * 300
+    redis_conn.hset(FrameJob.key_for(long_id), mapping={"status": "queued", "description": "d" * 70_000})
+    redis_conn.rpush(queue.key, long_id)
+    [(job, _)] = rq.claim_batch(redis_conn, queue, "w1", [], 1, 30, MsgpackSerializer).claimed
+    assert job.id == long_id and job.defects

@@ -15,8 +15,8 @@ from .data import DataError
 from .export import ExportError
 from .weights import WeightsError
 
-# ValueError: what the recipe's checks raise for a bad number, an empty selection, a wrong shape.
-REFUSALS = (DataError, WeightsError, ExportError, ArtifactError, FileNotFoundError, NotADirectoryError, ValueError)
+# Not ValueError itself: a bug that raises one (a shape torch refuses) keeps its traceback.
+REFUSALS = (DataError, WeightsError, ExportError, ArtifactError, FileNotFoundError, NotADirectoryError)
 
 
 def run(main: Callable[[], int]) -> int:

@@ -50,7 +50,7 @@ from worker.artifact import MANIFEST, load_float_model, load_for_serving, read_m
 from worker.model import to_inference
 
 from . import plots
-from .data import EvalDataset, Sample, all_samples, eval_loader, load_split, scan_folder
+from .data import DataError, EvalDataset, Sample, all_samples, eval_loader, load_split, scan_folder
 from .metrics import TARGET_DEFECT_RECALL, defect_scores, operating_point, pick_threshold, softmax, summarize
 
 log = structlog.get_logger("visionqueue.evaluate")
@@ -243,10 +243,10 @@ def evaluate_run(run: Path | str, data: Path | str | None = None, split: str = "
     else:
         loaded = load_split(run / SPLIT_FILE)
         if loaded.classes != classes:
-            raise ValueError(f"{run / SPLIT_FILE} classes {loaded.classes} differ from the model's {classes}")
+            raise DataError(f"{run / SPLIT_FILE} classes {loaded.classes} differ from the model's {classes}")
         samples, root, name = loaded[split], loaded.root, split
     if not samples:
-        raise ValueError(f"nothing to evaluate: no images in {name}")
+        raise DataError(f"nothing to evaluate: no images in {name}")
     model, ran_at, pad = load_model(artifact, precision)
     comparison = None
     if tta != "off":  # the baseline first, on the same images and model: the gain and the cost are both relative

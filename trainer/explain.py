@@ -33,6 +33,8 @@ from torch import nn
 from worker.artifact import load_float_model, read_manifest
 from worker.preprocess import decode_image, to_batch
 
+from .data import DataError
+
 log = structlog.get_logger("visionqueue.explain")
 
 ARTIFACT_DIR = "artifact"
@@ -190,7 +192,7 @@ def pointing_game(run: Path | str, split: str = "test", out: Path | str | None =
         raise FileNotFoundError(f"{synth_file}: the pointing game needs trainer.synth's ground-truth boxes")
     boxes: dict[str, dict[str, Any]] = json.loads(synth_file.read_text()).get("boxes") or {}
     if not boxes:
-        raise ValueError(f"{synth_file} has no boxes: regenerate the data with this version of trainer.synth")
+        raise DataError(f"{synth_file} has no boxes: regenerate the data with this version of trainer.synth")
     explainer = Explainer.from_artifact(run / ARTIFACT_DIR)
     samples = [s for s in loaded[split] if s.path in boxes]
     hits: dict[str, list[bool]] = {}
@@ -207,7 +209,7 @@ def pointing_game(run: Path | str, split: str = "test", out: Path | str | None =
             centre_hits += peak_inside(centre, meta["box"], meta["size"])
     n = sum(len(v) for v in hits.values())
     if n == 0:
-        raise ValueError(f"no defect image of the {split} split has a box in {synth_file}")
+        raise DataError(f"no defect image of the {split} split has a box in {synth_file}")
     report = {
         "run": str(run), "split": split, "method": "GradCAM (pytorch_grad_cam), true class, target_layer()",
         "n": n, "score": sum(sum(v) for v in hits.values()) / n,

@@ -246,11 +246,6 @@ class BatchWorker(SimpleWorker):
         self._stop_requested = True
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def register_birth(self) -> None:
-        if rq.clear_dead_namesake(self.connection, self.key, self.worker_ttl):
-            log.warning("a dead worker of this name had not deregistered; taking its name", worker=self.name)
-        super().register_birth()
-
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         # The model is loaded and warmed up before the worker registers: a worker that is
         # visible to `rq info` can take frames at full speed.

@@ -129,7 +129,10 @@ class RedisHealth:
                 self._down_since = time.monotonic()
                 self.outages += 1
             self._failures += 1
-            self._writes_refused = not isinstance(exc, rex.ConnectionError | rex.TimeoutError)
+            # Sticky for the outage: a connection dropped in the middle of a READONLY window does not
+            # make the next read proof that writes work again.
+            refused = not isinstance(exc, rex.ConnectionError | rex.TimeoutError)
+            self._writes_refused = refused if first else self._writes_refused or refused
             failures = self._failures
             down_for = time.monotonic() - self._down_since
         if first:

@@ -34,7 +34,7 @@ from rq.job import JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
-from rq.utils import as_text, current_timestamp, parse_composite_key, str_to_date, utcformat
+from rq.utils import as_text, current_timestamp, parse_composite_key, utcformat
 from rq.utils import now as now  # re-exported: the timestamp RQ writes
 from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY, clean_worker_registry
@@ -113,6 +113,11 @@ local function w(...)
   end
   return r
 end
+-- A frame's `vq_rescues`, as every script and `rescue_counts` read it: a planted value that is no count is 0.
+local function rescues_of(key)
+  local raw = redis.call('HGET', key, 'vq_rescues')
+  return (raw and string.match(raw, '^%d+$')) and tonumber(raw) or 0
+end
 local function name_set(list) local set = {} for _, v in ipairs(list) do set[v] = true end return set end
 """
 
@@ -150,13 +155,23 @@ local nforbidden = tonumber(ARGV[14])
 local forbidden_list = {}
 for i = 1, nforbidden do forbidden_list[i] = ARGV[14 + i] end
 local forbidden = name_set(forbidden_list)
-if redis.call('HGET', ckey, 'token') == base then
+-- Only this script writes the claim key: anything else there is planted, and goes. (Never a write when
+-- it is absent: Redis checks a full memory only at a script's first write, which must be a real one.)
+local ckind = redis.call('TYPE', ckey).ok
+if ckind ~= 'hash' and ckind ~= 'none' then redis.call('DEL', ckey) end
+local stored = redis.call('HGET', ckey, 'token') == base and redis.call('HGET', ckey, 'claimed')
+local decoded, pairs_claimed = pcall(cjson.decode, stored or 'null')
+if stored and decoded and type(pairs_claimed) == 'table' then
+  -- Each frame again only while it is still this claim's: started, by this worker, under this execution
+  -- (a retry that comes after the lease ran out may find it rescued, or taken by another worker).
   local again = {}
-  for _, pair in ipairs(cjson.decode(redis.call('HGET', ckey, 'claimed'))) do
+  for _, pair in ipairs(pairs_claimed) do
     local id, eid = pair[1], pair[2]
     local code, value, status = read_job(jp .. id, max_data, max_field, max_fields, forbidden)
+    local mine = status == 'started' and redis.call('HGET', jp .. id, 'worker_name') == worker
+      and redis.call('EXISTS', ep .. id .. ':' .. eid) == 1
     if code == 0 then again[#again + 1] = {id, 0}
-    elseif code == 3 and status and TERMINAL[status] then again[#again + 1] = {id, 1}
+    elseif code == 3 and not mine then again[#again + 1] = {id, 1}
     elseif code == 3 then again[#again + 1] = {id, 3, eid, value}
     else again[#again + 1] = {id, 4, eid, value} end
   end
@@ -215,7 +230,7 @@ if claimed > 0 then
   local kept = {}
   for _, o in ipairs(out) do if o[2] >= 3 then kept[#kept + 1] = {o[1], o[3]} end end
   redis.call('HSET', ckey, 'token', base, 'claimed', cjson.encode(kept))
-  redis.call('EXPIRE', ckey, ttl + 60)
+  redis.call('EXPIRE', ckey, ttl)  -- a retry past the leases finds nothing to replay: recovery has them
 end
 return out
 """
@@ -284,7 +299,7 @@ while i <= #ARGV do
       failed_n = failed_n + 1
     else  -- retry, rescue: back at the head of the queue (a frame is only worth anything while it is fresh)
       w('HSET', jk, 'status', 'queued', 'enqueued_at', iso)
-      if kind == 'retry' then w('HSET', jk, 'retries_left', a) else w('HINCRBY', jk, 'vq_rescues', 1) end
+      if kind == 'retry' then w('HSET', jk, 'retries_left', a) else w('HSET', jk, 'vq_rescues', rescues_of(jk) + 1) end
       w('LPUSH', queue, id)
       w('SADD', queues, queue)
     end
@@ -339,12 +354,11 @@ return 0
 # Put an id that a dead worker moved to the intermediate list back at the head of the queue: only
 # if it is still there, unclaimed, and nobody rescued it since we first saw it (ARGV[2]).
 # -1: it has been rescued too often; the caller fails it as poison.
-_RESCUE_LUA = """
+_RESCUE_LUA = _READ_JOB + """
 local status = redis.call('HGET', KEYS[3], 'status')
 if status == 'started' then return 0 end
-local raw = redis.call('HGET', KEYS[3], 'vq_rescues')
 -- a planted value that is no count reads as 0, as in rescue_counts: the frame is rescued, and its claim fails it
-local rescues = (raw and string.match(raw, '^%d+$')) and tonumber(raw) or 0
+local rescues = rescues_of(KEYS[3])
 if rescues ~= tonumber(ARGV[2]) then return 0 end
 if rescues >= tonumber(ARGV[3]) then return -1 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
@@ -453,8 +467,6 @@ def placeholder(conn: Redis, job_id: str, queue: Queue, serializer: Any) -> Fram
     """A job object for an id whose hash cannot be read, so that it can be failed like any other."""
     job = FrameJob(job_id, connection=conn, serializer=serializer)
     job.origin = queue.name
-    # Its own failure_ttl cannot be read: ours, not RQ's year, bounds how long its (maybe huge) hash stays.
-    job.failure_ttl = FAILURE_TTL
     job.data = b""
     job.defects, job.forbidden = [], []
     return job
@@ -514,7 +526,10 @@ def claim_batch(conn: Redis, queue: Queue, worker_name: str, held: list[str], wa
     readable = [(as_text(reply[0]), reply[3]) for reply in replies if reply[1] == 3]
     restored = iter(_restore_all(conn, readable, serializer))
     for reply in replies:
-        job_id, code = shown_id(reply[0]), reply[1]  # only codes 3 and 4 (checked ids) are used as ids
+        # Codes 3 and 4 carry ids the script checked (RQ's alphabet): used as ids, whole. Code 2 may carry
+        # anything a producer pushed: shown, cut short, never used as an id.
+        code = reply[1]
+        job_id = shown_id(reply[0]) if code == 2 else as_text(reply[0])
         if code == 0:
             claims.gone += 1
         elif code == 1:
@@ -718,25 +733,6 @@ def is_registered(conn: Redis, worker: Worker) -> bool:
             pipe.sismember(WORKERS_BY_QUEUE_KEY % name, worker.key)
         pipe.hexists(worker.key, "birth")
         return all(pipe.execute())
-
-
-def clear_dead_namesake(conn: Redis, key: str, worker_ttl: int) -> bool:
-    """Mark the worker under `key` dead, as RQ's `register_death` would, when it has not beaten for more
-    than `worker_ttl` s (it exited while Redis was away, or was killed): RQ refuses a new worker of the
-    same name (`--name`) until that hash expires, a minute or more after a restart. True when it did.
-    Its frames are not touched: their leases run out and recovery takes them back as from any dead worker.
-    """
-    beat = conn.hget(key, "last_heartbeat")
-    if beat is None or conn.hexists(key, "death"):
-        return False
-    try:
-        last = str_to_date(beat)
-    except ValueError:
-        last = None
-    if last is not None and (now() - last).total_seconds() <= worker_ttl:
-        return False
-    conn.hset(key, "death", utcformat(now()))
-    return True
 
 
 def register_again(worker: Worker, state: str) -> None:

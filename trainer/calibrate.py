@@ -55,3 +55,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iters: int = 80) -> 
                     "separated for a reliable calibration", temperature=round(t, 4), n=len(labels),
                     bounds=T_RANGE)
     return t
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("error: trainer.calibrate is a module, not a command: temperature scaling runs inside `python -m "
+          "trainer.train` and `python -m continual.update` (see `python -m trainer.evaluate --help` to measure it)",
+          file=sys.stderr)
+    raise SystemExit(2)

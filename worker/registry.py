@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         from .shards import shard_map
 
         # An explicit --redis-url is one Redis, as ever; otherwise a shard map means "the primary, then mirror".
-        shards = None if args.redis_url else shard_map(args.redis_urls)
+        shards = None if args.redis_url is not None else shard_map(args.redis_urls)  # "" is refused, not the default
         if args.cmd == "mirror":
             if shards is None:
                 print("error: mirror needs a shard map: --redis-urls, $REDIS_URLS_FILE or $REDIS_URLS",

@@ -83,10 +83,13 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
 
     stations: dict[str, str] = {}
 
+    def store_path(s: StoredSample) -> str:
+        return f"store/{s.path.relative_to(store.root / 'images').as_posix()}"
+
     def from_store(samples: Sequence[StoredSample]) -> list[Sample]:
         out = []
         for s in samples:
-            path = f"store/{s.path.relative_to(store.root / 'images').as_posix()}"
+            path = store_path(s)
             stations[path] = s.station
             out.append(Sample(path, index[s.label], s.sha256))
         return out
@@ -98,10 +101,11 @@ def build_update_data(run: Path, store: SampleStore, current_classes: list[str],
 
     replay_pool = from_store(earlier) + (from_base(base["train"]) if base else [])
     train = from_store(new_train)
-    drawn = {f"store/{s.path.relative_to(store.root / 'images').as_posix()}": s for s in earlier}
+    pooled = {store_path(s): s for s in earlier}
     replayed = _balanced(replay_pool, replay, seed)
-    fine = {id(s) for s in _usable([drawn[r.path] for r in replayed if r.path in drawn], known, skipped)}
-    replayed = [r for r in replayed if r.path not in drawn or id(drawn[r.path]) in fine]
+    drawn = {r.path for r in replayed} & pooled.keys()  # the pool's files are read only once drawn
+    unreadable = {path for path in drawn if not _usable([pooled[path]], known, skipped)}
+    replayed = [r for r in replayed if r.path not in unreadable]
     if skipped:
         log.warning("store samples left out of this update", count=len(skipped),
                     first=[f"{fid}: {why}" for fid, why in skipped[:5]])

@@ -139,6 +139,8 @@ return out
 # Popped ids sit on the intermediate list until the end of the script, so an error half-way leaves
 # them where recovery finds them; a per-job write error (a planted key of the wrong type) fails
 # that job alone.
+NOT_A_JOB_ID = "the queue entry is not a job id (letters, digits, _ and - only)"  # also the claim script's
+
 # Per id: {id, 0} gone; {id, 1} already ended; {id, 2, reason} not a job (dropped);
 # {id, 3, execution id, fields}; {id, 4, execution id, reason} claimed, but unreadable.
 # A retry is safe: what a call claimed is kept under the worker's claim key with the call's token
@@ -168,12 +170,11 @@ if stored and decoded and type(pairs_claimed) == 'table' then
   for _, pair in ipairs(pairs_claimed) do
     local id, eid = pair[1], pair[2]
     local code, value, status = read_job(jp .. id, max_data, max_field, max_fields, forbidden)
-    local mine = status == 'started' and redis.call('HGET', jp .. id, 'worker_name') == worker
-      and redis.call('EXISTS', ep .. id .. ':' .. eid) == 1
     if code == 0 then again[#again + 1] = {id, 0}
-    elseif code == 3 and not mine then again[#again + 1] = {id, 1}
-    elseif code == 3 then again[#again + 1] = {id, 3, eid, value}
-    else again[#again + 1] = {id, 4, eid, value} end
+    elseif code ~= 3 then again[#again + 1] = {id, 4, eid, value}
+    elseif status == 'started' and redis.call('HGET', jp .. id, 'worker_name') == worker
+        and redis.call('EXISTS', ep .. id .. ':' .. eid) == 1 then again[#again + 1] = {id, 3, eid, value}
+    else again[#again + 1] = {id, 1} end
   end
   return again
 end
@@ -192,7 +193,7 @@ for _, id in ipairs(ids) do
   -- RQ's job id alphabet (worker.frames.job_id_text): anything else was planted, and an id with ':'
   -- would make execution keys that RQ's registries cannot split back.
   if #id > 1024 or not string.match(id, '^[%w_%-]+$') then
-    code, value = 1, 'the queue entry is not a job id (letters, digits, _ and - only)'
+    code, value = 1, '@NOT_A_JOB_ID@'
   else
     code, value, status, strip = read_job(jk, max_data, max_field, max_fields, forbidden)
   end
@@ -233,7 +234,7 @@ if claimed > 0 then
   redis.call('EXPIRE', ckey, ttl)  -- a retry past the leases finds nothing to replay: recovery has them
 end
 return out
-"""
+""".replace("@NOT_A_JOB_ID@", NOT_A_JOB_ID)
 
 # Record a batch's outcomes in one call, each as RQ's worker records one job's: status, result
 # (rq:results:<id>), finished or failed registry, TTLs, the execution removed. A frame that
@@ -380,9 +381,6 @@ class Unreadable:
         return self.reason.startswith("the job key holds")
 
 
-NOT_A_JOB_ID = "the queue entry is not a job id (letters, digits, _ and - only)"  # the claim script's too
-
-
 # -- taking frames off the queue ----------------------------------------------------------------
 def wait_for_id(conn: Redis, queue: Queue, timeout: float) -> str | None:
     """Block up to `timeout` s for one id, moved to the intermediate list as RQ's dequeue does.
@@ -395,10 +393,14 @@ def wait_for_id(conn: Redis, queue: Queue, timeout: float) -> str | None:
         return None
     job_id = job_id_text(value)
     if job_id is None:
-        conn.lrem(queue.intermediate_queue_key, 1, value)
-        log.error("queue entry is not a job; dropped", job_id=shown_id(value),
-                  reason=NOT_A_JOB_ID)
+        _drop_from_intermediate(conn, queue, value)
     return job_id
+
+
+def _drop_from_intermediate(conn: Redis, queue: Queue, raw: bytes) -> None:
+    """Take an entry that cannot be a job id off the intermediate list, and say so."""
+    conn.lrem(queue.intermediate_queue_key, 1, raw)
+    log.error("queue entry is not a job; dropped", job_id=shown_id(raw), reason=NOT_A_JOB_ID)
 
 
 def shown_id(raw: bytes | str) -> str:
@@ -649,9 +651,7 @@ def intermediate_ids(conn: Redis, queue: Queue) -> list[str]:
     for raw in conn.lrange(queue.intermediate_queue_key, 0, -1):
         job_id = job_id_text(raw)
         if job_id is None:
-            conn.lrem(queue.intermediate_queue_key, 1, raw)
-            log.error("queue entry is not a job; dropped", job_id=shown_id(raw), where="intermediate list",
-                      reason=NOT_A_JOB_ID)
+            _drop_from_intermediate(conn, queue, raw)
         else:
             ids.append(job_id)
     return ids
